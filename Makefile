@@ -1,0 +1,52 @@
+# sparq-cpp: the two commands are `make demo` and `make test`; each sets itself up on a fresh clone.
+#
+#   make demo      .venv + build, then generate text with the default model (smollm2-135m)
+#   make test      .venv + build (with the op tests), then pytest
+#   make build     (re)build the native library into sparq_cpp/lib (incremental)
+#   make bench-op  the SparQ op benchmark against dense attention (scripts/bench_op.py)
+#   make clean     remove the build folder and the staged libraries (keeps .venv and caches)
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.sparq-setup
+JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
+
+upstream = $(shell sed -n 's/.*$(1) *"\(.*\)".*/\1/p' native/upstream.cmake)
+UP_PKG := $(call upstream,SPARQ_UPSTREAM_PACKAGE)
+UP_VER := $(call upstream,SPARQ_UPSTREAM_VERSION)
+UP_SHA := $(call upstream,SPARQ_UPSTREAM_SHA256)
+
+.PHONY: setup build demo test bench-op clean
+
+# The virtual environment: re-created when missing or broken, refreshed when the pinned
+# requirements change. llama-cpp-python is installed from the same pinned source tarball as our
+# fork, without building its own copy of llama.cpp.
+$(STAMP): pyproject.toml requirements-dev.txt native/upstream.cmake
+	@if [ -e $(VENV) ] && ! $(VPY) -c 'import sys' >/dev/null 2>&1; then echo "stale $(VENV): re-creating"; rm -rf $(VENV); fi
+	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	tarball=$$($(VPY) native/prepare_upstream.py --fetch-only --package $(UP_PKG) --version $(UP_VER) --sha256 $(UP_SHA)) && \
+	  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(VPY) -m pip install --quiet --disable-pip-version-check \
+	    --no-build-isolation --no-deps "$$tarball"
+	@touch $@
+
+setup: $(STAMP)
+
+build: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(VPY) -m pip install --quiet --disable-pip-version-check \
+	  --no-build-isolation --no-deps -e . -Ccmake.define.SPARQ_BUILD_TESTS=ON
+
+demo: build
+	$(VENV)/bin/sparq-cpp info
+	$(VENV)/bin/sparq-cpp generate -m smollm2-135m --chat -n 96 \
+	  -p "In two sentences, what is attention in a transformer language model?"
+
+test: build
+	$(VPY) -m pytest tests
+
+bench-op: build
+	$(VPY) scripts/bench_op.py
+
+clean:
+	rm -rf build sparq_cpp/lib

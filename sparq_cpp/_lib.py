@@ -1,0 +1,88 @@
+"""Finds our libllama, points llama-cpp-python at it, and binds our own C API with cffi.
+
+llama-cpp-python 0.3.36 loads ``$LLAMA_CPP_LIB_PATH/libllama.so`` when ``llama_cpp`` is first
+imported, so the variable must be set before that import. If ``llama_cpp`` was already imported
+with another library, the two cannot be swapped in one process: we raise a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _lib_name() -> str:
+    if sys.platform == "darwin":
+        return "libllama.dylib"
+    if sys.platform == "win32":
+        return "llama.dll"
+    return "libllama.so"
+
+
+def lib_dir() -> Path:
+    """The folder holding our libllama and ggml libraries."""
+    env = os.environ.get("SPARQ_CPP_LIB_DIR")
+    d = Path(env).resolve() if env else PACKAGE_DIR / "lib"
+    if not (d / _lib_name()).exists():
+        raise ImportError(
+            f"sparq_cpp: {d / _lib_name()} is missing. Build the native library first "
+            "(`make build` in a checkout, or `pip install .`).")
+    return d
+
+
+LIB_DIR = lib_dir()
+LIB_PATH = LIB_DIR / _lib_name()
+
+
+def _loaded_path(llama_cpp_module) -> str:
+    return str(getattr(llama_cpp_module.llama_cpp._lib, "_name", ""))
+
+
+def _import_llama_cpp():
+    already = sys.modules.get("llama_cpp.llama_cpp")
+    if already is None:
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(LIB_DIR)
+    import llama_cpp  # noqa: E402  (must come after the variable is set)
+
+    loaded = _loaded_path(llama_cpp)
+    if not loaded or Path(loaded).resolve() != LIB_PATH.resolve():
+        raise ImportError(
+            f"sparq_cpp: llama_cpp was already imported with another library ({loaded or 'unknown'}). "
+            f"Import sparq_cpp before llama_cpp (or start a new Python process), so that llama_cpp "
+            f"loads sparq-cpp's library {LIB_PATH}.")
+    return llama_cpp
+
+
+llama_cpp = _import_llama_cpp()
+
+_CDEF = """
+const char * llama_sparq_version(void);
+"""
+
+
+def _bind():
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    # dlopen of the same path returns the handle llama_cpp already holds: one library, not two.
+    return ffi, ffi.dlopen(str(LIB_PATH))
+
+
+ffi, lib = _bind()
+
+
+def sparq_version() -> str:
+    """Version string answered by our library (proves the fork is the one loaded)."""
+    return ffi.string(lib.llama_sparq_version()).decode()
+
+
+def system_info() -> str:
+    return llama_cpp.llama_print_system_info().decode()
+
+
+def gpu_offload_supported() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
