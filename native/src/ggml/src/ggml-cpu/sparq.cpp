@@ -1,0 +1,607 @@
+// sparq-cpp: CPU kernel of GGML_OP_SPARQ_ATTN. Semantics: sparq.h.
+//
+// Fast path, all threads, phases separated by barriers:
+//   A  per item (query row x KV head): visible count and range, local window, i1, tau scales;
+//      items with k >= visible take every visible row (dense) and skip B-E
+//   B  positions split across threads: approximate logits from r rows of K^T
+//   C  positions split: exp(logit - max) in place, partial sums
+//   D  positions split: the group's summed, normalised score (+inf on the local window)
+//   E  per item: O(S) radix selection of the top k, in position order
+//   F  selected rows split across threads: exact attention on K/V rows, online softmax partials
+//   G  per item and head: merge the partials, alpha mix with the mean of V
+// Reference path (params->use_ref): a plain double-precision implementation on one thread that
+// reads K rows instead of K^T, for test-backend-ops to compare against.
+
+#include "sparq.h"
+
+#include "ggml-cpu-impl.h"
+#include "ggml-cpu.h"
+#include "ggml-impl.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+constexpr int64_t SPARQ_BLK   = 256;  // positions per block in step 2
+constexpr int64_t SPARQ_HBITS = 12;   // radix-select histogram: top 12 bits of the score
+constexpr int64_t SPARQ_HBINS = 1 << SPARQ_HBITS;
+
+struct sparq_dims {
+    int64_t D, Dv, n_kv, n_batch, n_head, n_head_kv, G, ne3, n_items;
+    int     r, k_top, l, flags;
+    float   scale;
+};
+
+sparq_dims get_dims(const ggml_tensor * dst) {
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * v = dst->src[2];
+    sparq_dims d;
+    d.D         = q->ne[0];
+    d.Dv        = v->ne[0];
+    d.n_kv      = k->ne[1];
+    d.n_batch   = q->ne[1];
+    d.n_head    = q->ne[2];
+    d.n_head_kv = k->ne[2];
+    d.G         = d.n_head / d.n_head_kv;
+    d.ne3       = q->ne[3];
+    d.n_items   = d.ne3 * d.n_batch * d.n_head_kv;
+    d.scale     = ggml_get_op_params_f32(dst, 0);
+    d.r         = std::min<int>(ggml_get_op_params_i32(dst, 1), (int) d.D);
+    d.k_top     = ggml_get_op_params_i32(dst, 2);
+    d.l         = std::min(ggml_get_op_params_i32(dst, 4), d.k_top);
+    d.flags     = ggml_get_op_params_i32(dst, 5);
+    return d;
+}
+
+// what phase A leaves for the others, per item
+struct item_info {
+    int32_t n_vis;    // visible positions
+    int32_t dense;    // every visible row is selected, alpha = 1
+    int32_t p_lo;     // first visible position
+    int32_t p_hi;     // one past the last visible position
+    int32_t t_local;  // visible positions >= t_local form the local window
+    int32_t n_sel;    // selected positions (written by A for dense items, by E otherwise)
+};
+
+size_t align16(size_t n) { return (n + 15) & ~size_t(15); }
+
+// scratch layout, in 4-byte words; one definition serves the planner and the kernel
+struct sparq_layout {
+    size_t info, i1, ascale, sel, L, gs, pmax, psum, part, thr, per_thr, total;
+    size_t part_stride; // per (thread, item, head): M, S, alpha, acc[Dv]
+};
+
+sparq_layout get_layout(const sparq_dims & d, int nth) {
+    sparq_layout o;
+    const size_t I = d.n_items, G = d.G, S = d.n_kv;
+    size_t off = 0;
+    auto take = [&](size_t words) { size_t at = off; off += align16(words); return at; };
+    o.info        = take(I * sizeof(item_info) / 4);
+    o.i1          = take(I * d.D);
+    o.ascale      = take(I * G);
+    o.sel         = take(I * S);
+    o.L           = take(I * G * S);
+    o.gs          = take(I * S);
+    o.pmax        = take((size_t) nth * I * G);
+    o.psum        = take((size_t) nth * I * G);
+    o.part_stride = 3 + d.Dv;
+    o.part        = take((size_t) nth * I * G * o.part_stride);
+    // per thread: step-2 row block + G accumulators + mask block, q in f16, V row in f32,
+    // the radix histogram and the candidate list of the selection
+    o.per_thr     = align16(SPARQ_BLK * (G + 2) + G * d.D + d.Dv + SPARQ_HBINS + S);
+    o.thr         = take((size_t) nth * o.per_thr);
+    o.total       = off;
+    return o;
+}
+
+inline float mask_at(const ggml_tensor * mask, const char * row, int64_t i) {
+    return mask->type == GGML_TYPE_F16 ? GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) row)[i])
+                                       : ((const float *) row)[i];
+}
+
+inline const char * mask_row(const ggml_tensor * mask, int64_t b, int64_t s) {
+    return (const char *) mask->data + b*mask->nb[1] + (s % mask->ne[3])*mask->nb[3];
+}
+
+inline float ordered_bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+inline uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+// ---------------------------------------------------------------------------------------------
+// reference path: plain, double precision, one thread, K rows (not K^T)
+// ---------------------------------------------------------------------------------------------
+
+double load_elem(const ggml_tensor * t, const char * p) {
+    return t->type == GGML_TYPE_F16 ? (double) GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) p)
+                                    : (double) *(const float *) p;
+}
+
+void sparq_attn_ref(const ggml_tensor * dst) {
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * v = dst->src[2];
+    const ggml_tensor * mask = dst->src[3];
+    const ggml_tensor * vmean = dst->src[5];
+    const sparq_dims d = get_dims(dst);
+    const bool realloc = d.flags & GGML_SPARQ_REALLOC;
+    const bool no_tau  = d.flags & GGML_SPARQ_NO_TAU;
+
+    auto qv = [&](int64_t j, int64_t b, int64_t h, int64_t s) {
+        return (double) *(const float *) ((const char *) q->data + j*q->nb[0] + b*q->nb[1] + h*q->nb[2] + s*q->nb[3]);
+    };
+    auto kv = [&](int64_t j, int64_t p, int64_t g, int64_t s) {
+        return load_elem(k, (const char *) k->data + j*k->nb[0] + p*k->nb[1] + g*k->nb[2] + s*k->nb[3]);
+    };
+    auto vv = [&](int64_t j, int64_t p, int64_t g, int64_t s) {
+        return load_elem(v, (const char *) v->data + j*v->nb[0] + p*v->nb[1] + g*v->nb[2] + s*v->nb[3]);
+    };
+
+    for (int64_t s = 0; s < d.ne3; ++s)
+    for (int64_t b = 0; b < d.n_batch; ++b)
+    for (int64_t g = 0; g < d.n_head_kv; ++g) {
+        const char * mrow = mask_row(mask, b, s);
+        std::vector<int64_t> vis;
+        for (int64_t p = 0; p < d.n_kv; ++p) {
+            if (mask_at(mask, mrow, p) != -INFINITY) {
+                vis.push_back(p);
+            }
+        }
+        const int64_t n_vis = (int64_t) vis.size();
+        std::vector<int64_t> sel;
+        std::vector<double> alpha(d.G, 1.0);
+        std::vector<std::vector<double>> shat(d.G, std::vector<double>(n_vis, 0.0));
+        if (n_vis <= d.k_top) {
+            sel = vis;
+        } else {
+            std::vector<double> a(d.D, 0.0);
+            for (int64_t hh = 0; hh < d.G; ++hh)
+                for (int64_t j = 0; j < d.D; ++j) a[j] += std::fabs(qv(j, b, g*d.G + hh, s));
+            std::vector<int64_t> order(d.D);
+            std::iota(order.begin(), order.end(), 0);
+            std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return a[x] > a[y]; });
+            order.resize(d.r);
+
+            std::vector<double> gsum(n_vis, 0.0);
+            for (int64_t hh = 0; hh < d.G; ++hh) {
+                const int64_t h = g*d.G + hh;
+                double l1 = 0, l1s = 0;
+                for (int64_t j = 0; j < d.D; ++j) l1 += std::fabs(qv(j, b, h, s));
+                for (int64_t j : order) l1s += std::fabs(qv(j, b, h, s));
+                const double ratio = l1 > 0 && l1s > 0 ? l1s / l1 : 1.0;
+                const double sc = no_tau ? d.scale : d.scale / std::sqrt(ratio);
+                std::vector<double> lg(n_vis);
+                double mx = -INFINITY;
+                for (int64_t i = 0; i < n_vis; ++i) {
+                    double dot = 0;
+                    for (int64_t j : order) dot += qv(j, b, h, s) * kv(j, vis[i], g, s);
+                    lg[i] = dot * sc + mask_at(mask, mrow, vis[i]);
+                    mx = std::max(mx, lg[i]);
+                }
+                double z = 0;
+                for (int64_t i = 0; i < n_vis; ++i) z += std::exp(lg[i] - mx);
+                for (int64_t i = 0; i < n_vis; ++i) { shat[hh][i] = std::exp(lg[i] - mx) / z; gsum[i] += shat[hh][i]; }
+            }
+            // local window: the last l visible positions; then the best of the rest
+            std::vector<char> chosen(n_vis, 0);
+            for (int64_t i = std::max<int64_t>(0, n_vis - d.l); i < n_vis; ++i) chosen[i] = 1;
+            std::vector<int64_t> rest;
+            for (int64_t i = 0; i < n_vis - d.l; ++i) rest.push_back(i);
+            std::stable_sort(rest.begin(), rest.end(), [&](int64_t x, int64_t y) { return gsum[x] > gsum[y]; });
+            for (int64_t i = 0; i < d.k_top - d.l; ++i) chosen[rest[i]] = 1;
+            for (int64_t hh = 0; hh < d.G; ++hh) {
+                alpha[hh] = 0;
+                for (int64_t i = 0; i < n_vis; ++i) if (chosen[i]) alpha[hh] += shat[hh][i];
+            }
+            for (int64_t i = 0; i < n_vis; ++i) if (chosen[i]) sel.push_back(vis[i]);
+        }
+        for (int64_t hh = 0; hh < d.G; ++hh) {
+            const int64_t h = g*d.G + hh;
+            float * out = (float *) ((char *) dst->data + h*dst->nb[1] + b*dst->nb[2] + s*dst->nb[3]);
+            std::vector<double> lg(sel.size()), y(d.Dv, 0.0);
+            double mx = -INFINITY, z = 0;
+            for (size_t i = 0; i < sel.size(); ++i) {
+                double dot = 0;
+                for (int64_t j = 0; j < d.D; ++j) dot += qv(j, b, h, s) * kv(j, sel[i], g, s);
+                lg[i] = dot * d.scale + mask_at(mask, mrow, sel[i]);
+                mx = std::max(mx, lg[i]);
+            }
+            for (size_t i = 0; i < sel.size(); ++i) {
+                const double w = std::exp(lg[i] - mx);
+                z += w;
+                for (int64_t j = 0; j < d.Dv; ++j) y[j] += w * vv(j, sel[i], g, s);
+            }
+            const float * vm = realloc ? (const float *) ((const char *) vmean->data + g*vmean->nb[1] + b*vmean->nb[2] + s*vmean->nb[3]) : nullptr;
+            for (int64_t j = 0; j < d.Dv; ++j) {
+                const double ys = z > 0 ? y[j] / z : 0.0;
+                out[j] = (float) (realloc && !sel.empty() ? alpha[hh]*ys + (1.0 - alpha[hh])*vm[j] : ys);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fast path
+// ---------------------------------------------------------------------------------------------
+
+// split [lo, hi) into nth pieces aligned to 16 positions; returns thread ith's piece
+inline void split_range(int64_t lo, int64_t hi, int ith, int nth, int64_t & c0, int64_t & c1) {
+    const int64_t n = hi - lo;
+    const int64_t chunk = ((n + nth - 1) / nth + 15) & ~int64_t(15);
+    c0 = std::min(hi, lo + ith*chunk);
+    c1 = std::min(hi, c0 + chunk);
+}
+
+// Top-k of gs[lo, hi) (entries < 0 are never chosen), written in position order to sel.
+// Scores are >= 0 (or +inf), so their bit patterns order like the values: one histogram pass on
+// the top bits finds the bin holding the k-th largest, an nth_element over that bin's members
+// finds the exact threshold, and a last pass emits, ties going to the lower positions.
+int32_t select_top_k(const float * gs, int64_t lo, int64_t hi, int32_t k, int32_t * sel,
+                     int32_t * hist, uint32_t * cand) {
+    memset(hist, 0, sizeof(int32_t) * SPARQ_HBINS);
+    const uint32_t * bits = (const uint32_t *) gs;
+    for (int64_t p = lo; p < hi; ++p) {
+        const uint32_t u = bits[p];
+        if (!(u >> 31)) {
+            hist[u >> (32 - SPARQ_HBITS)]++;
+        }
+    }
+    int32_t above = 0;
+    int64_t bin = SPARQ_HBINS - 1;
+    for (; bin > 0; --bin) {
+        if (above + hist[bin] >= k) break;
+        above += hist[bin];
+    }
+    const int32_t need = k - above;  // how many to take from the threshold bin
+    int32_t nc = 0;
+    for (int64_t p = lo; p < hi; ++p) {
+        const uint32_t u = bits[p];
+        if (!(u >> 31) && (int64_t)(u >> (32 - SPARQ_HBITS)) == bin) cand[nc++] = u;
+    }
+    std::nth_element(cand, cand + (need - 1), cand + nc, std::greater<uint32_t>());
+    const uint32_t T = cand[need - 1];
+    int32_t gt = 0;
+    for (int32_t i = 0; i < nc; ++i) gt += cand[i] > T;
+    int32_t ties = need - gt;
+    int32_t n = 0;
+    for (int64_t p = lo; p < hi; ++p) {
+        const uint32_t u = bits[p];
+        if (u >> 31) continue;
+        const int64_t ub = u >> (32 - SPARQ_HBITS);
+        if (ub > bin || (ub == bin && (u > T || (u == T && ties-- > 0)))) {
+            sel[n++] = (int32_t) p;
+        }
+    }
+    return n;
+}
+
+void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * q     = dst->src[0];
+    const ggml_tensor * k     = dst->src[1];
+    const ggml_tensor * v     = dst->src[2];
+    const ggml_tensor * mask  = dst->src[3];
+    const ggml_tensor * kt    = dst->src[4];
+    const ggml_tensor * vmean = dst->src[5];
+
+    const sparq_dims d = get_dims(dst);
+    const int ith = params->ith, nth = params->nth;
+    const sparq_layout o = get_layout(d, nth);
+    GGML_ASSERT(params->wsize >= o.total * 4);
+
+    float   * W      = (float *) params->wdata;
+    auto    * info   = (item_info *) (W + o.info);
+    int32_t * i1     = (int32_t *) (W + o.i1);
+    float   * ascale = W + o.ascale;
+    int32_t * sel    = (int32_t *) (W + o.sel);
+    float   * Lall   = W + o.L;
+    float   * gsall  = W + o.gs;
+    float   * pmax   = W + o.pmax;
+    float   * psum   = W + o.psum;
+    float   * part   = W + o.part;
+    float   * thr    = W + o.thr + (size_t) ith * o.per_thr;
+
+    const int64_t G = d.G, S = d.n_kv, I = d.n_items;
+    const bool realloc = d.flags & GGML_SPARQ_REALLOC;
+    const bool no_tau  = d.flags & GGML_SPARQ_NO_TAU;
+    const bool k_f16   = k->type == GGML_TYPE_F16;
+    const bool v_f16   = v->type == GGML_TYPE_F16;
+
+    // per-thread scratch
+    float       * blk_row  = thr;                                  // SPARQ_BLK
+    float       * blk_mask = thr + SPARQ_BLK;                      // SPARQ_BLK
+    float       * acc      = thr + 2*SPARQ_BLK;                    // G*SPARQ_BLK
+    float       * qbuf     = thr + (G + 2)*SPARQ_BLK;              // G*D (f16 or f32 copies of q)
+    float       * vrow     = qbuf + G*d.D;                         // Dv
+    int32_t     * hist     = (int32_t *) (vrow + d.Dv);            // SPARQ_HBINS
+    uint32_t    * cand     = (uint32_t *) (hist + SPARQ_HBINS);    // S
+
+    auto item_coords = [&](int64_t it, int64_t & s, int64_t & b, int64_t & g) {
+        g = it % d.n_head_kv; b = (it / d.n_head_kv) % d.n_batch; s = it / (d.n_head_kv * d.n_batch);
+    };
+    auto q_row = [&](int64_t b, int64_t h, int64_t s) {
+        return (const float *) ((const char *) q->data + b*q->nb[1] + h*q->nb[2] + s*q->nb[3]);
+    };
+
+    // ---- A: per item ------------------------------------------------------------------------
+    for (int64_t it = ith; it < I; it += nth) {
+        int64_t s, b, g; item_coords(it, s, b, g);
+        const char * mrow = mask_row(mask, b, s);
+        item_info & inf = info[it];
+        int32_t n_vis = 0, p_lo = (int32_t) S, p_hi = 0;
+        for (int64_t p = 0; p < S; ++p) {
+            if (mask_at(mask, mrow, p) != -INFINITY) {
+                if (n_vis == 0) p_lo = (int32_t) p;
+                p_hi = (int32_t) p + 1;
+                n_vis++;
+            }
+        }
+        inf.n_vis = n_vis; inf.p_lo = p_lo; inf.p_hi = p_hi;
+        inf.dense = n_vis <= d.k_top;
+        int32_t * isel = sel + it*S;
+        if (inf.dense) {
+            int32_t n = 0;
+            for (int64_t p = p_lo; p < p_hi; ++p) {
+                if (mask_at(mask, mrow, p) != -INFINITY) isel[n++] = (int32_t) p;
+            }
+            inf.n_sel = n;
+            continue;
+        }
+        // local window: the last l visible positions
+        int32_t t_local = p_hi, seen = 0;
+        for (int64_t p = p_hi - 1; p >= p_lo && seen < d.l; --p) {
+            if (mask_at(mask, mrow, p) != -INFINITY) { t_local = (int32_t) p; seen++; }
+        }
+        inf.t_local = t_local;
+        // i1: top-r components of the group's summed |q|, ties to the lower index
+        float * a = acc;  // D floats of per-thread scratch, free in this phase
+        std::fill(a, a + d.D, 0.0f);
+        for (int64_t hh = 0; hh < G; ++hh) {
+            const float * qh = q_row(b, g*G + hh, s);
+            for (int64_t j = 0; j < d.D; ++j) a[j] += std::fabs(qh[j]);
+        }
+        int32_t * ii = i1 + it*d.D;
+        std::iota(ii, ii + d.D, 0);
+        if (d.r < d.D) {
+            std::partial_sort(ii, ii + d.r, ii + d.D, [&](int32_t x, int32_t y) {
+                return a[x] > a[y] || (a[x] == a[y] && x < y);
+            });
+            std::sort(ii, ii + d.r);
+        }
+        // tau: scale / sqrt(|q[i1]|_1 / |q|_1), per head
+        for (int64_t hh = 0; hh < G; ++hh) {
+            const float * qh = q_row(b, g*G + hh, s);
+            float l1 = 0, l1s = 0;
+            for (int64_t j = 0; j < d.D; ++j) l1 += std::fabs(qh[j]);
+            for (int32_t j = 0; j < d.r; ++j) l1s += std::fabs(qh[ii[j]]);
+            const float ratio = l1 > 0 && l1s > 0 ? l1s / l1 : 1.0f;
+            ascale[it*G + hh] = no_tau ? d.scale : d.scale / std::sqrt(ratio);
+        }
+    }
+    ggml_barrier(params->threadpool);
+
+    // ---- B: approximate logits from r rows of K^T, positions split across threads ----------
+    for (int64_t it = 0; it < I; ++it) {
+        const item_info & inf = info[it];
+        if (inf.dense) continue;
+        int64_t s, b, g; item_coords(it, s, b, g);
+        int64_t c0, c1; split_range(inf.p_lo, inf.p_hi, ith, nth, c0, c1);
+        const char * mrow = mask_row(mask, b, s);
+        const int32_t * ii = i1 + it*d.D;
+        float * L = Lall + it*G*S;
+        float * gs = gsall + it*S;
+        float lmax[64];
+        GGML_ASSERT(G <= 64);
+        for (int64_t hh = 0; hh < G; ++hh) lmax[hh] = -INFINITY;
+        for (int64_t p0 = c0; p0 < c1; p0 += SPARQ_BLK) {
+            const int64_t n = std::min(SPARQ_BLK, c1 - p0);
+            memset(acc, 0, sizeof(float)*G*SPARQ_BLK);
+            for (int32_t jj = 0; jj < d.r; ++jj) {
+                const int64_t j = ii[jj];
+                const char * ktrow = (const char *) kt->data + j*kt->nb[1] + g*kt->nb[2] + s*kt->nb[3] + p0*kt->nb[0];
+                const float * row;
+                if (k_f16) {
+                    ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) ktrow, blk_row, n);
+                    row = blk_row;
+                } else {
+                    row = (const float *) ktrow;
+                }
+                for (int64_t hh = 0; hh < G; ++hh) {
+                    ggml_vec_mad_f32((int) n, acc + hh*SPARQ_BLK, row, q_row(b, g*G + hh, s)[j]);
+                }
+            }
+            if (mask->type == GGML_TYPE_F16) {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) mrow + p0, blk_mask, n);
+            } else {
+                memcpy(blk_mask, (const float *) mrow + p0, n*sizeof(float));
+            }
+            for (int64_t i = 0; i < n; ++i) gs[p0 + i] = blk_mask[i] == -INFINITY ? -1.0f : 0.0f;
+            for (int64_t hh = 0; hh < G; ++hh) {
+                const float sc = ascale[it*G + hh];
+                float * Lh = L + hh*S + p0;
+                const float * ah = acc + hh*SPARQ_BLK;
+                float mx = lmax[hh];
+                for (int64_t i = 0; i < n; ++i) {
+                    // masked positions: -inf, whatever K^T holds there
+                    const float x = blk_mask[i] == -INFINITY ? -INFINITY : ah[i]*sc + blk_mask[i];
+                    Lh[i] = x;
+                    mx = std::max(mx, x);
+                }
+                lmax[hh] = mx;
+            }
+        }
+        for (int64_t hh = 0; hh < G; ++hh) pmax[((size_t) ith*I + it)*G + hh] = lmax[hh];
+    }
+    ggml_barrier(params->threadpool);
+
+    // ---- C: exp in place, partial sums -----------------------------------------------------
+    for (int64_t it = 0; it < I; ++it) {
+        const item_info & inf = info[it];
+        if (inf.dense) continue;
+        int64_t c0, c1; split_range(inf.p_lo, inf.p_hi, ith, nth, c0, c1);
+        for (int64_t hh = 0; hh < G; ++hh) {
+            float M = -INFINITY;
+            for (int t = 0; t < nth; ++t) M = std::max(M, pmax[((size_t) t*I + it)*G + hh]);
+            float * Lh = Lall + (it*G + hh)*S;
+            const ggml_float sum = c1 > c0 ? ggml_vec_soft_max_f32((int) (c1 - c0), Lh + c0, Lh + c0, M) : 0.0;
+            psum[((size_t) ith*I + it)*G + hh] = (float) sum;
+        }
+    }
+    ggml_barrier(params->threadpool);
+
+    // ---- D: the group's summed, normalised scores ------------------------------------------
+    for (int64_t it = 0; it < I; ++it) {
+        const item_info & inf = info[it];
+        if (inf.dense) continue;
+        int64_t c0, c1; split_range(inf.p_lo, inf.p_hi, ith, nth, c0, c1);
+        float zinv[64];
+        for (int64_t hh = 0; hh < G; ++hh) {
+            double z = 0;
+            for (int t = 0; t < nth; ++t) z += psum[((size_t) t*I + it)*G + hh];
+            zinv[hh] = (float) (1.0 / z);
+        }
+        float * gs = gsall + it*S;
+        const float * L = Lall + it*G*S;
+        for (int64_t p = c0; p < c1; ++p) {
+            if (gs[p] < 0.0f) continue;  // masked
+            if (p >= inf.t_local) { gs[p] = INFINITY; continue; }
+            float sum = 0.0f;
+            for (int64_t hh = 0; hh < G; ++hh) sum += L[hh*S + p] * zinv[hh];
+            gs[p] = sum;
+        }
+    }
+    ggml_barrier(params->threadpool);
+
+    // ---- E: selection, one item per thread -------------------------------------------------
+    for (int64_t it = ith; it < I; it += nth) {
+        item_info & inf = info[it];
+        if (inf.dense) continue;
+        inf.n_sel = select_top_k(gsall + it*S, inf.p_lo, inf.p_hi, d.k_top, sel + it*S, hist, cand);
+    }
+    ggml_barrier(params->threadpool);
+
+    // ---- F: exact attention on the selected rows, split across threads ---------------------
+    for (int64_t it = 0; it < I; ++it) {
+        const item_info & inf = info[it];
+        int64_t s, b, g; item_coords(it, s, b, g);
+        int64_t a0, a1; split_range(0, inf.n_sel, ith, nth, a0, a1);
+        const char * mrow = mask_row(mask, b, s);
+        const int32_t * isel = sel + it*S;
+        const float * L = Lall + it*G*S;
+        float zinv[64];
+        if (!inf.dense) {
+            for (int64_t hh = 0; hh < G; ++hh) {
+                double z = 0;
+                for (int t = 0; t < nth; ++t) z += psum[((size_t) t*I + it)*G + hh];
+                zinv[hh] = (float) (1.0 / z);
+            }
+        }
+        // q in K's dot type
+        for (int64_t hh = 0; hh < G; ++hh) {
+            const float * qh = q_row(b, g*G + hh, s);
+            if (k_f16) ggml_cpu_fp32_to_fp16(qh, (ggml_fp16_t *) (qbuf + hh*d.D), d.D);
+            else memcpy(qbuf + hh*d.D, qh, d.D*sizeof(float));
+        }
+        float * P = part + ((size_t) ith*I + it)*G*o.part_stride;
+        for (int64_t hh = 0; hh < G; ++hh) {
+            float * ph = P + hh*o.part_stride;
+            ph[0] = -INFINITY; ph[1] = 0.0f; ph[2] = 0.0f;
+            memset(ph + 3, 0, d.Dv*sizeof(float));
+        }
+        for (int64_t ai = a0; ai < a1; ++ai) {
+            const int64_t p = isel[ai];
+            const char * krow = (const char *) k->data + p*k->nb[1] + g*k->nb[2] + s*k->nb[3];
+            const char * vsrc = (const char *) v->data + p*v->nb[1] + g*v->nb[2] + s*v->nb[3];
+            if (v_f16) ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vsrc, vrow, d.Dv);
+            else memcpy(vrow, vsrc, d.Dv*sizeof(float));
+            const float mv = mask_at(mask, mrow, p);
+            for (int64_t hh = 0; hh < G; ++hh) {
+                float dot;
+                if (k_f16) ggml_vec_dot_f16((int) d.D, &dot, 0, (ggml_fp16_t *) krow, 0, (ggml_fp16_t *) (qbuf + hh*d.D), 0, 1);
+                else       ggml_vec_dot_f32((int) d.D, &dot, 0, (const float *) krow, 0, qbuf + hh*d.D, 0, 1);
+                const float x = dot*d.scale + mv;
+                float * ph = P + hh*o.part_stride;
+                float w;
+                if (x > ph[0]) {
+                    const float ms = std::exp(ph[0] - x);
+                    ph[0] = x;
+                    ph[1] *= ms;
+                    ggml_vec_scale_f32((int) d.Dv, ph + 3, ms);
+                    w = 1.0f;
+                } else {
+                    w = std::exp(x - ph[0]);
+                }
+                ph[1] += w;
+                ggml_vec_mad_f32((int) d.Dv, ph + 3, vrow, w);
+                if (!inf.dense) ph[2] += L[hh*S + p] * zinv[hh];
+            }
+        }
+    }
+    ggml_barrier(params->threadpool);
+
+    // ---- G: merge partials, mix with the mean ----------------------------------------------
+    for (int64_t ih = ith; ih < I*G; ih += nth) {
+        const int64_t it = ih / G, hh = ih % G;
+        const item_info & inf = info[it];
+        int64_t s, b, g; item_coords(it, s, b, g);
+        const int64_t h = g*G + hh;
+        float * out = (float *) ((char *) dst->data + h*dst->nb[1] + b*dst->nb[2] + s*dst->nb[3]);
+        float M = -INFINITY;
+        for (int t = 0; t < nth; ++t) M = std::max(M, part[(((size_t) t*I + it)*G + hh)*o.part_stride]);
+        memset(out, 0, d.Dv*sizeof(float));
+        if (inf.n_sel == 0 || M == -INFINITY) continue;
+        double Ssum = 0, alpha = 0;
+        for (int t = 0; t < nth; ++t) {
+            const float * ph = part + (((size_t) t*I + it)*G + hh)*o.part_stride;
+            alpha += ph[2];
+            if (ph[0] == -INFINITY) continue;
+            const float f = std::exp(ph[0] - M);
+            Ssum += ph[1]*f;
+            ggml_vec_mad_f32((int) d.Dv, out, ph + 3, f);
+        }
+        if (inf.dense) alpha = 1.0;
+        const float ys = (float) (1.0 / Ssum);
+        if (realloc) {
+            const float * vm = (const float *) ((const char *) vmean->data + g*vmean->nb[1] + b*vmean->nb[2] + s*vmean->nb[3]);
+            const float fa = (float) alpha * ys, fm = (float) (1.0 - alpha);
+            for (int64_t j = 0; j < d.Dv; ++j) out[j] = out[j]*fa + fm*vm[j];
+        } else {
+            ggml_vec_scale_f32((int) d.Dv, out, ys);
+        }
+    }
+}
+
+} // namespace
+
+extern "C" {
+
+size_t ggml_sparq_attn_work_size(const struct ggml_tensor * node, int n_tasks) {
+    return get_layout(get_dims(node), n_tasks).total * 4;
+}
+
+bool ggml_sparq_attn_supported(const struct ggml_tensor * op) {
+    const ggml_tensor * q = op->src[0], * k = op->src[1], * v = op->src[2], * mask = op->src[3], * kt = op->src[4];
+    auto ok_kv = [](const ggml_tensor * t) {
+        return (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_F32) && t->nb[0] == ggml_type_size(t->type);
+    };
+    return q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) && ok_kv(k) && ok_kv(kt) && ok_kv(v) &&
+           k->type == kt->type && op->type == GGML_TYPE_F32 &&
+           (mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32) &&
+           q->ne[2] / k->ne[2] <= 64;
+}
+
+void ggml_compute_forward_sparq_attn(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    if (params->use_ref) {
+        if (params->ith == 0) {
+            sparq_attn_ref(dst);
+        }
+        return;
+    }
+    sparq_attn_fast(params, dst);
+}
+
+} // extern "C"

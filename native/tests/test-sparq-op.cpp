@@ -1,0 +1,388 @@
+// sparq-cpp: GGML_OP_SPARQ_ATTN on the CPU backend against a reference written here, independently
+// of the kernel, straight from SPARQ.md (double precision, sorts instead of selections).
+//
+//   random cases    head dims 64/128/256, groups 1/3/4/8, several query rows with their own
+//                   visible lengths, 1-3 threads, F16 and F32 K/V, F16 and F32 masks
+//   adversarial     ties in |q| and in scores, fully and partly masked rows, S < k, S = 1,
+//                   r = D, l = k, large magnitudes, no reallocation, no tau
+//   dense           k >= S and l = 0 equals plain softmax attention
+//   NaN poison      every K^T row outside i1, every masked K^T entry, every K and V row outside
+//                   i2 is NaN: the output must stay finite and equal to the reference
+//
+// Prints one line per failure and ends with "N passed, N failed"; exit code 1 on any failure.
+
+#include "ggml.h"
+#include "ggml-cpu.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Case {
+    int D = 64, G = 3, Hkv = 2, nb = 1, S = 300;
+    int r = 8, k = 32, l = 8;
+    bool realloc = true, no_tau = false;
+    ggml_type tkv = GGML_TYPE_F16, tmask = GGML_TYPE_F16;
+    int threads = 2;
+    float qmag = 1.0f, kmag = 1.0f;
+    std::string what;
+};
+
+struct Data {
+    // host copies, in the kernel's layouts: q[b][h][D], K[g][S][D], V[g][S][D], mask[b][S], vmean[b][g][D]
+    std::vector<float> q, K, V, mask, vmean;
+    std::vector<float> KT;  // poison test only: the K^T values, indexed like K ([g][p][j])
+};
+
+float round_f16(float x) { return ggml_fp16_to_fp32(ggml_fp32_to_fp16(x)); }
+
+// The reference: SPARQ.md steps 1-6 for one (query row b, KV head g). Returns the output rows of
+// the group's heads and, for the poison test, i1 and i2.
+void reference(const Case & c, const Data & d, int b, int g, std::vector<double> & out,
+               std::vector<int> * i1_out = nullptr, std::vector<int> * i2_out = nullptr) {
+    const int D = c.D, S = c.S, G = c.G;
+    auto q = [&](int h, int j) { return (double) d.q[((size_t) b*c.G*c.Hkv + h)*D + j]; };
+    auto K = [&](int p, int j) { return (double) d.K[((size_t) g*S + p)*D + j]; };
+    auto V = [&](int p, int j) { return (double) d.V[((size_t) g*S + p)*D + j]; };
+    auto M = [&](int p) { return (double) d.mask[(size_t) b*S + p]; };
+    const double scale = 1.0 / std::sqrt((double) D);
+
+    std::vector<int> vis;
+    for (int p = 0; p < S; ++p) if (!std::isinf(M(p))) vis.push_back(p);
+    const int n = (int) vis.size();
+
+    std::vector<int> i1(D), i2;
+    std::iota(i1.begin(), i1.end(), 0);
+    std::vector<double> alpha(G, 1.0);
+    std::vector<std::vector<double>> shat(G, std::vector<double>(S, 0.0));
+    if (n > c.k) {
+        std::vector<double> a(D, 0.0);
+        for (int hh = 0; hh < G; ++hh) for (int j = 0; j < D; ++j) a[j] += std::fabs(q(g*G + hh, j));
+        std::stable_sort(i1.begin(), i1.end(), [&](int x, int y) { return a[x] > a[y]; });
+        i1.resize(std::min(c.r, D));
+        std::vector<double> sum(S, 0.0);
+        for (int hh = 0; hh < G; ++hh) {
+            const int h = g*G + hh;
+            double l1 = 0, l1s = 0;
+            for (int j = 0; j < D; ++j) l1 += std::fabs(q(h, j));
+            for (int j : i1) l1s += std::fabs(q(h, j));
+            const double tau = c.no_tau ? std::sqrt((double) D) : std::sqrt(D * (l1 > 0 && l1s > 0 ? l1s / l1 : 1.0));
+            std::vector<double> x(S, -INFINITY);
+            double mx = -INFINITY;
+            for (int p : vis) {
+                double dot = 0;
+                for (int j : i1) dot += q(h, j) * K(p, j);
+                // scale = 1/sqrt(D): dot*scale*sqrt(D)/tau = dot/tau
+                x[p] = dot / tau + M(p);
+                mx = std::max(mx, x[p]);
+            }
+            double z = 0;
+            for (int p : vis) z += std::exp(x[p] - mx);
+            for (int p : vis) {
+                // fp32 semantics (SPARQ.md: softmax in fp32): a score below the smallest normal
+                // float is 0, and such ties go to the lower position
+                const double e = std::exp(x[p] - mx);
+                shat[hh][p] = e < FLT_MIN ? 0.0 : e / z;
+                sum[p] += shat[hh][p];
+            }
+        }
+        std::vector<int> rest(vis.begin(), vis.end() - c.l);
+        std::stable_sort(rest.begin(), rest.end(), [&](int x, int y) { return sum[x] > sum[y]; });
+        rest.resize(c.k - c.l);
+        i2 = rest;
+        i2.insert(i2.end(), vis.end() - c.l, vis.end());
+        std::sort(i2.begin(), i2.end());
+        for (int hh = 0; hh < G; ++hh) {
+            alpha[hh] = 0;
+            for (int p : i2) alpha[hh] += shat[hh][p];
+        }
+    } else {
+        i2 = vis;
+    }
+    out.assign((size_t) G*D, 0.0);
+    for (int hh = 0; hh < G; ++hh) {
+        const int h = g*G + hh;
+        if (i2.empty()) continue;
+        std::vector<double> x;
+        double mx = -INFINITY;
+        for (int p : i2) {
+            double dot = 0;
+            // scores in K's precision: q is rounded to f16 when K is f16 (as flash attention does)
+            for (int j = 0; j < D; ++j) dot += (c.tkv == GGML_TYPE_F16 ? (double) round_f16((float) q(h, j)) : q(h, j)) * K(p, j);
+            x.push_back(dot * scale + M(p));
+            mx = std::max(mx, x.back());
+        }
+        double z = 0;
+        std::vector<double> y(D, 0.0);
+        for (size_t i = 0; i < i2.size(); ++i) {
+            const double w = std::exp(x[i] - mx);
+            z += w;
+            for (int j = 0; j < D; ++j) y[j] += w * V(i2[i], j);
+        }
+        for (int j = 0; j < D; ++j) {
+            const double ys = y[j] / z;
+            const double vm = d.vmean[((size_t) b*c.Hkv + g)*D + j];
+            out[(size_t) hh*D + j] = c.realloc ? alpha[hh]*ys + (1 - alpha[hh])*vm : ys;
+        }
+    }
+    if (i1_out) *i1_out = n > c.k ? i1 : std::vector<int>();
+    if (i2_out) *i2_out = i2;
+}
+
+// dense softmax attention for one (b, h), the k >= S check
+void dense(const Case & c, const Data & d, int b, int h, std::vector<double> & out) {
+    const int D = c.D, S = c.S, g = h / c.G;
+    std::vector<double> x(S, -INFINITY);
+    double mx = -INFINITY;
+    for (int p = 0; p < S; ++p) {
+        if (std::isinf(d.mask[(size_t) b*S + p])) continue;
+        double dot = 0;
+        for (int j = 0; j < D; ++j) {
+            const double qj = d.q[((size_t) b*c.G*c.Hkv + h)*D + j];
+            dot += (c.tkv == GGML_TYPE_F16 ? (double) round_f16((float) qj) : qj) * d.K[((size_t) g*S + p)*D + j];
+        }
+        x[p] = dot / std::sqrt((double) D) + d.mask[(size_t) b*S + p];
+        mx = std::max(mx, x[p]);
+    }
+    out.assign(D, 0.0);
+    double z = 0;
+    for (int p = 0; p < S; ++p) {
+        if (std::isinf(x[p])) continue;
+        const double w = std::exp(x[p] - mx);
+        z += w;
+        for (int j = 0; j < D; ++j) out[j] += w * d.V[((size_t) g*S + p)*D + j];
+    }
+    if (z > 0) for (double & o : out) o /= z;
+}
+
+void set_tensor(ggml_tensor * t, const std::vector<float> & v) {
+    if (t->type == GGML_TYPE_F16) {
+        ggml_fp32_to_fp16_row(v.data(), (ggml_fp16_t *) t->data, (int64_t) v.size());
+    } else {
+        memcpy(t->data, v.data(), v.size()*sizeof(float));
+    }
+}
+
+// Runs the op. K^T is laid out as in the cache: rows of cache length kv_size > S (a view).
+std::vector<float> run_op(const Case & c, const Data & d, const Data * poison = nullptr) {
+    const int D = c.D, S = c.S, H = c.G*c.Hkv, kv_size = S + 37;
+    const size_t mem = 64*1024*1024 + (size_t) 8*(4*(size_t) c.Hkv*kv_size*D + (size_t) c.nb*H*D + (size_t) c.nb*S);
+    ggml_init_params ip = { mem, nullptr, false };
+    ggml_context * ctx = ggml_init(ip);
+    const Data & src = poison ? *poison : d;
+
+    ggml_tensor * q = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, D, c.nb, H, 1);
+    // q[b][h][j] -> q tensor [D, nb, H]
+    for (int b = 0; b < c.nb; ++b) for (int h = 0; h < H; ++h)
+        memcpy((char *) q->data + b*q->nb[1] + h*q->nb[2], &d.q[((size_t) b*H + h)*D], D*sizeof(float));
+
+    ggml_tensor * k0 = ggml_new_tensor_4d(ctx, c.tkv, D, kv_size, c.Hkv, 1);
+    ggml_tensor * v0 = ggml_new_tensor_4d(ctx, c.tkv, D, kv_size, c.Hkv, 1);
+    ggml_tensor * kt0 = ggml_new_tensor_4d(ctx, c.tkv, kv_size, D, c.Hkv, 1);
+    std::vector<float> kf((size_t) c.Hkv*kv_size*D, 0.0f), vf(kf.size(), 0.0f), ktf(kf.size(), 0.0f);
+    for (int g = 0; g < c.Hkv; ++g) for (int p = 0; p < S; ++p) for (int j = 0; j < D; ++j) {
+        kf[((size_t) g*kv_size + p)*D + j] = src.K[((size_t) g*S + p)*D + j];
+        vf[((size_t) g*kv_size + p)*D + j] = src.V[((size_t) g*S + p)*D + j];
+    }
+    // K^T: the transpose of K, unless the poison test brings its own
+    const std::vector<float> & ktv = (poison && !poison->KT.empty()) ? poison->KT : src.K;
+    for (int g = 0; g < c.Hkv; ++g) for (int j = 0; j < D; ++j) for (int p = 0; p < S; ++p)
+        ktf[((size_t) g*D + j)*kv_size + p] = ktv[((size_t) g*S + p)*D + j];
+    set_tensor(k0, kf); set_tensor(v0, vf); set_tensor(kt0, ktf);
+    ggml_tensor * k = ggml_view_4d(ctx, k0, D, S, c.Hkv, 1, k0->nb[1], k0->nb[2], k0->nb[3], 0);
+    ggml_tensor * v = ggml_view_4d(ctx, v0, D, S, c.Hkv, 1, v0->nb[1], v0->nb[2], v0->nb[3], 0);
+    ggml_tensor * kt = ggml_view_4d(ctx, kt0, S, D, c.Hkv, 1, kt0->nb[1], kt0->nb[2], kt0->nb[3], 0);
+
+    ggml_tensor * m = ggml_new_tensor_4d(ctx, c.tmask, S, c.nb, 1, 1);
+    set_tensor(m, d.mask);
+    ggml_tensor * vm = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, D, c.Hkv, c.nb, 1);
+    memcpy(vm->data, d.vmean.data(), d.vmean.size()*sizeof(float));
+
+    const int flags = (c.realloc ? GGML_SPARQ_REALLOC : 0) | (c.no_tau ? GGML_SPARQ_NO_TAU : 0);
+    ggml_tensor * out = ggml_sparq_attn(ctx, q, k, kt, v, vm, m, 1.0f/std::sqrt((float) D), c.r, c.k, c.l, flags);
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+    ggml_graph_compute_with_ctx(ctx, gf, c.threads);
+
+    // out: [D, H, nb] -> [b][h][j]
+    std::vector<float> res((size_t) c.nb*H*D);
+    for (int b = 0; b < c.nb; ++b) for (int h = 0; h < H; ++h)
+        memcpy(&res[((size_t) b*H + h)*D], (char *) out->data + h*out->nb[1] + b*out->nb[2], D*sizeof(float));
+    ggml_free(ctx);
+    return res;
+}
+
+Data make_data(const Case & c, std::mt19937 & gen, int mask_mode) {
+    const int D = c.D, S = c.S, H = c.G*c.Hkv;
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    std::uniform_int_distribution<int> comp(0, D - 1);
+    Data d;
+    d.q.resize((size_t) c.nb*H*D);
+    for (float & x : d.q) x = nd(gen) * c.qmag;
+    for (size_t row = 0; row < d.q.size()/D; ++row)       // a few heavy components, as in real queries
+        for (int t = 0; t < 4; ++t) d.q[row*D + comp(gen)] *= 5.0f;
+    d.K.resize((size_t) c.Hkv*S*D);
+    for (float & x : d.K) x = nd(gen) * c.kmag;
+    d.V.resize(d.K.size());
+    for (float & x : d.V) x = nd(gen);
+    if (c.tkv == GGML_TYPE_F16) {  // the op sees f16 values: the reference must too
+        for (float & x : d.K) x = round_f16(x);
+        for (float & x : d.V) x = round_f16(x);
+    }
+    d.vmean.resize((size_t) c.nb*c.Hkv*D);
+    for (float & x : d.vmean) x = nd(gen) * 0.1f;
+    d.mask.assign((size_t) c.nb*S, 0.0f);
+    std::uniform_int_distribution<int> len(1, S);
+    for (int b = 0; b < c.nb; ++b) {
+        const int n = b == 0 ? S : len(gen);  // several sequences with their own visible lengths
+        for (int p = 0; p < S; ++p) {
+            bool vis = p < n;
+            if (mask_mode == 1) vis = vis && u(gen) > 0.2f;          // holes
+            if (mask_mode == 2 && b == c.nb - 1) vis = false;       // a fully masked row
+            d.mask[(size_t) b*S + p] = vis ? 0.0f : -INFINITY;
+        }
+    }
+    return d;
+}
+
+int n_pass = 0, n_fail = 0;
+
+void check(const Case & c, const Data & d, const std::vector<float> & got, bool vs_dense, const char * tag) {
+    const int H = c.G*c.Hkv, D = c.D;
+    double max_err = 0, max_ref = 0;
+    bool finite = true;
+    for (int b = 0; b < c.nb; ++b) {
+        for (int g = 0; g < c.Hkv; ++g) {
+            std::vector<double> ref;
+            if (vs_dense) {
+                ref.resize((size_t) c.G*D);
+                for (int hh = 0; hh < c.G; ++hh) {
+                    std::vector<double> one;
+                    dense(c, d, b, g*c.G + hh, one);
+                    std::copy(one.begin(), one.end(), ref.begin() + (size_t) hh*D);
+                }
+            } else {
+                reference(c, d, b, g, ref);
+            }
+            for (int hh = 0; hh < c.G; ++hh) for (int j = 0; j < D; ++j) {
+                const float o = got[((size_t) b*H + g*c.G + hh)*D + j];
+                finite = finite && std::isfinite(o);
+                max_err = std::max(max_err, std::fabs(o - ref[(size_t) hh*D + j]));
+                max_ref = std::max(max_ref, std::fabs(ref[(size_t) hh*D + j]));
+            }
+        }
+    }
+    const double rel = max_err / std::max(1e-3, max_ref);
+    const bool ok = finite && rel < 2e-3;
+    if (ok) {
+        n_pass++;
+    } else {
+        n_fail++;
+        printf("FAIL %-10s %s: D=%d G=%d Hkv=%d nb=%d S=%d r=%d k=%d l=%d realloc=%d no_tau=%d kv=%s mask=%s threads=%d: "
+               "max rel err %.3g%s\n", tag, c.what.c_str(), c.D, c.G, c.Hkv, c.nb, c.S, c.r, c.k, c.l, c.realloc, c.no_tau,
+               ggml_type_name(c.tkv), ggml_type_name(c.tmask), c.threads, rel, finite ? "" : " (non-finite output)");
+    }
+}
+
+void run_case(Case c, std::mt19937 & gen, int mask_mode = 0) {
+    Data d = make_data(c, gen, mask_mode);
+    check(c, d, run_op(c, d), false, "reference");
+}
+
+// tie cases: duplicate K rows (equal scores) and equal |q| components
+void run_ties(Case c, std::mt19937 & gen) {
+    Data d = make_data(c, gen, 0);
+    for (int g = 0; g < c.Hkv; ++g)
+        for (int p = 1; p < c.S; p += 2)
+            std::copy_n(&d.K[((size_t) g*c.S + p - 1)*c.D], c.D, &d.K[((size_t) g*c.S + p)*c.D]);
+    for (float & x : d.q) x = x > 0 ? 1.0f : -1.0f;
+    check(c, d, run_op(c, d), false, "ties");
+}
+
+void run_poison(Case c, std::mt19937 & gen) {
+    c.nb = 1;  // K/V rows are shared by the query rows of a stream: poison per KV head
+    Data d = make_data(c, gen, 1);
+    Data p = d;
+    p.KT = d.K;
+    const float nan = std::nanf("");
+    for (int g = 0; g < c.Hkv; ++g) {
+        std::vector<double> out;
+        std::vector<int> i1, i2;
+        reference(c, d, 0, g, out, &i1, &i2);
+        std::vector<char> in1(c.D, 0), in2(c.S, 0);
+        for (int j : i1) in1[j] = 1;
+        for (int q : i2) in2[q] = 1;
+        for (int q = 0; q < c.S; ++q) {
+            const bool masked = std::isinf(d.mask[q]);
+            for (int j = 0; j < c.D; ++j) {
+                const size_t at = ((size_t) g*c.S + q)*c.D + j;
+                if (!in1[j] || masked) p.KT[at] = nan;           // K^T: only rows i1, visible positions
+                if (!in2[q]) { p.K[at] = nan; p.V[at] = nan; }   // K, V: only rows i2
+            }
+        }
+    }
+    // q, mask and vmean come from the clean data; K, V and K^T from the poisoned copy
+    std::vector<float> got = run_op(c, d, &p);
+    check(c, d, got, false, "nan-poison");
+}
+
+} // namespace
+
+int main() {
+    std::mt19937 gen(42);
+    ggml_cpu_init();
+
+    // random cases
+    for (int D : {64, 128, 256})
+    for (int G : {1, 3, 4, 8})
+    for (ggml_type tkv : {GGML_TYPE_F16, GGML_TYPE_F32}) {
+        Case c; c.D = D; c.G = G; c.tkv = tkv; c.what = "random";
+        c.nb = 3; c.S = 700; c.r = D/8; c.k = 48; c.l = 12;
+        c.threads = 1 + (D + G) % 3;
+        run_case(c, gen);
+        c.tmask = GGML_TYPE_F32; c.realloc = false;
+        run_case(c, gen, 1);
+    }
+    // adversarial cases
+    {
+        Case c; c.what = "holes";        c.nb = 4; c.S = 1000; run_case(c, gen, 1);
+        c.what = "fully-masked-row";                          run_case(c, gen, 2);
+        c.what = "S<k";      c.S = 20;   c.k = 32;  c.l = 8;  run_case(c, gen, 1);
+        c.what = "S=1";      c.S = 1;    c.k = 32;  c.l = 8;  c.nb = 1; run_case(c, gen);
+        c.what = "S=k+1";    c.S = 33;                        c.nb = 2; run_case(c, gen);
+        c.what = "r=D";      c.S = 500;  c.r = 64;            run_case(c, gen);
+        c.what = "l=k";      c.r = 8;    c.k = 40;  c.l = 40; run_case(c, gen, 1);
+        c.what = "l=0";      c.l = 0;                         run_case(c, gen);
+        c.what = "k=1";      c.k = 1;    c.l = 0;             run_case(c, gen);
+        c.what = "large";    c.k = 32;   c.l = 8; c.qmag = 30.0f; c.kmag = 4.0f; run_case(c, gen);
+        c.what = "no-tau";   c.qmag = 1.0f; c.kmag = 1.0f; c.no_tau = true; run_case(c, gen);
+        c.what = "long";     c.no_tau = false; c.S = 9000; c.k = 600; c.l = 150; c.G = 4; c.Hkv = 1; c.D = 128; c.r = 16;
+        for (int t : {1, 2, 3}) { c.threads = t; run_case(c, gen, 1); }
+        Case tc; tc.what = "ties"; tc.S = 400; tc.nb = 2;
+        for (int G : {1, 3}) { tc.G = G; run_ties(tc, gen); }
+    }
+    // dense: k >= S, l = 0
+    for (int D : {64, 256}) for (int G : {1, 4}) {
+        Case c; c.what = "dense"; c.D = D; c.G = G; c.nb = 3; c.S = 300; c.k = 300; c.l = 0;
+        Data d = make_data(c, gen, 1);
+        check(c, d, run_op(c, d), true, "dense");
+    }
+    // NaN poison: what must not be read is NaN
+    for (int D : {64, 128, 256}) for (int G : {1, 3, 4, 8}) for (int t : {1, 2}) {
+        Case c; c.what = "poison"; c.D = D; c.G = G; c.S = 1500; c.r = std::max(4, D/12); c.k = 96; c.l = 24; c.threads = t;
+        run_poison(c, gen);
+        c.tkv = GGML_TYPE_F32; c.realloc = false; run_poison(c, gen);
+    }
+
+    printf("test-sparq-op: %d passed, %d failed\n", n_pass, n_fail);
+    return n_fail == 0 ? 0 : 1;
+}
