@@ -94,8 +94,8 @@ sparq_layout get_layout(const sparq_dims & d, int nth) {
     o.part_stride = 3 + d.Dv;
     o.part        = take((size_t) nth * I * G * o.part_stride);
     // per thread: step-2 row block + G accumulators + mask block, q in f16, V row in f32,
-    // the radix histogram and the candidate list of the selection
-    o.per_thr     = align16(SPARQ_BLK * (G + 2) + G * d.D + d.Dv + SPARQ_HBINS + S);
+    // the radix histogram and the candidate list of the selection, the step-5 scores
+    o.per_thr     = align16(SPARQ_BLK * (G + 2) + G * d.D + d.Dv + SPARQ_HBINS + S + G * (S / nth + 16));
     o.thr         = take((size_t) nth * o.per_thr);
     o.total       = off;
     return o;
@@ -106,12 +106,19 @@ inline float mask_at(const ggml_tensor * mask, const char * row, int64_t i) {
                                        : ((const float *) row)[i];
 }
 
+// -INF test on the raw bits (f16 0xFC00, f32 0xFF800000): no conversion in the scans
+inline bool masked_at(const ggml_tensor * mask, const char * row, int64_t i) {
+    if (mask->type == GGML_TYPE_F16) {
+        return ((const uint16_t *) row)[i] == 0xFC00;
+    }
+    uint32_t u; memcpy(&u, (const float *) row + i, 4);
+    return u == 0xFF800000u;
+}
+
 inline const char * mask_row(const ggml_tensor * mask, int64_t b, int64_t s) {
     return (const char *) mask->data + b*mask->nb[1] + (s % mask->ne[3])*mask->nb[3];
 }
 
-inline float ordered_bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-inline uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
 // ---------------------------------------------------------------------------------------------
 // reference path: plain, double precision, one thread, K rows (not K^T)
@@ -280,6 +287,49 @@ int32_t select_top_k(const float * gs, int64_t lo, int64_t hi, int32_t k, int32_
     return n;
 }
 
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+// Step 2 for NG (<= 4) heads of a group over positions [p0, p0 + n), n a multiple of 8: the
+// accumulators stay in registers across the r rows of K^T (f16, converted on the fly), then
+// logits = acc*ascale + mask, -inf where masked; running max per head; gs = -1 where masked.
+template <int NG>
+void step2_avx2(int64_t p0, int64_t n, int r, const int32_t * ii, const char * kt0, size_t nbkt1,
+                const float * const * qh, const float * asc, const ggml_tensor * mask, const char * mrow,
+                float * const * Lh, float * gs, float * lmax) {
+    __m256 vmax[NG];
+    for (int h = 0; h < NG; ++h) vmax[h] = _mm256_set1_ps(lmax[h]);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < n; i += 8) {
+        const int64_t p = p0 + i;
+        __m256 a[NG];
+        for (int h = 0; h < NG; ++h) a[h] = _mm256_setzero_ps();
+        for (int jj = 0; jj < r; ++jj) {
+            const int64_t j = ii[jj];
+            const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) (kt0 + j*nbkt1) + p)));
+            for (int h = 0; h < NG; ++h) a[h] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(qh[h] + j), a[h]);
+        }
+        __m256 m, is_masked;
+        if (mask->type == GGML_TYPE_F16) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) mrow + p));
+            m = _mm256_cvtph_ps(raw);
+        } else {
+            m = _mm256_loadu_ps((const float *) mrow + p);
+        }
+        is_masked = _mm256_cmp_ps(m, ninf, _CMP_EQ_OQ);
+        _mm256_storeu_ps(gs + p, _mm256_and_ps(is_masked, _mm256_set1_ps(-1.0f)));
+        for (int h = 0; h < NG; ++h) {
+            const __m256 x = _mm256_blendv_ps(_mm256_fmadd_ps(a[h], _mm256_set1_ps(asc[h]), m), ninf, is_masked);
+            _mm256_storeu_ps(Lh[h] + p, x);
+            vmax[h] = _mm256_max_ps(vmax[h], x);
+        }
+    }
+    for (int h = 0; h < NG; ++h) {
+        float t[8];
+        _mm256_storeu_ps(t, vmax[h]);
+        for (int e = 0; e < 8; ++e) lmax[h] = std::max(lmax[h], t[e]);
+    }
+}
+#endif
+
 void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     const ggml_tensor * q     = dst->src[0];
     const ggml_tensor * k     = dst->src[1];
@@ -319,6 +369,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     float       * vrow     = qbuf + G*d.D;                         // Dv
     int32_t     * hist     = (int32_t *) (vrow + d.Dv);            // SPARQ_HBINS
     uint32_t    * cand     = (uint32_t *) (hist + SPARQ_HBINS);    // S
+    float       * sc       = (float *) (cand + S);                 // G*(S/nth + 16): step-5 scores
 
     auto item_coords = [&](int64_t it, int64_t & s, int64_t & b, int64_t & g) {
         g = it % d.n_head_kv; b = (it / d.n_head_kv) % d.n_batch; s = it / (d.n_head_kv * d.n_batch);
@@ -334,7 +385,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         item_info & inf = info[it];
         int32_t n_vis = 0, p_lo = (int32_t) S, p_hi = 0;
         for (int64_t p = 0; p < S; ++p) {
-            if (mask_at(mask, mrow, p) != -INFINITY) {
+            if (!masked_at(mask, mrow, p)) {
                 if (n_vis == 0) p_lo = (int32_t) p;
                 p_hi = (int32_t) p + 1;
                 n_vis++;
@@ -346,7 +397,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         if (inf.dense) {
             int32_t n = 0;
             for (int64_t p = p_lo; p < p_hi; ++p) {
-                if (mask_at(mask, mrow, p) != -INFINITY) isel[n++] = (int32_t) p;
+                if (!masked_at(mask, mrow, p)) isel[n++] = (int32_t) p;
             }
             inf.n_sel = n;
             continue;
@@ -354,7 +405,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         // local window: the last l visible positions
         int32_t t_local = p_hi, seen = 0;
         for (int64_t p = p_hi - 1; p >= p_lo && seen < d.l; --p) {
-            if (mask_at(mask, mrow, p) != -INFINITY) { t_local = (int32_t) p; seen++; }
+            if (!masked_at(mask, mrow, p)) { t_local = (int32_t) p; seen++; }
         }
         inf.t_local = t_local;
         // i1: top-r components of the group's summed |q|, ties to the lower index
@@ -397,7 +448,27 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         float lmax[64];
         GGML_ASSERT(G <= 64);
         for (int64_t hh = 0; hh < G; ++hh) lmax[hh] = -INFINITY;
-        for (int64_t p0 = c0; p0 < c1; p0 += SPARQ_BLK) {
+        int64_t pb = c0;  // positions before pb are done
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+        if (k_f16) {
+            const int64_t n8 = (c1 - c0) & ~int64_t(7);
+            const char * kt0 = (const char *) kt->data + g*kt->nb[2] + s*kt->nb[3];
+            for (int64_t h0 = 0; h0 < G; h0 += 4) {
+                const int ng = (int) std::min<int64_t>(4, G - h0);
+                const float * qh[4]; float * Lh[4];
+                for (int h = 0; h < ng; ++h) { qh[h] = q_row(b, g*G + h0 + h, s); Lh[h] = L + (h0 + h)*S; }
+                const float * asc = ascale + it*G + h0;
+                switch (ng) {
+                    case 1: step2_avx2<1>(c0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                    case 2: step2_avx2<2>(c0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                    case 3: step2_avx2<3>(c0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                    default: step2_avx2<4>(c0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                }
+            }
+            pb = c0 + n8;
+        }
+#endif
+        for (int64_t p0 = pb; p0 < c1; p0 += SPARQ_BLK) {
             const int64_t n = std::min(SPARQ_BLK, c1 - p0);
             memset(acc, 0, sizeof(float)*G*SPARQ_BLK);
             for (int32_t jj = 0; jj < d.r; ++jj) {
@@ -464,14 +535,14 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
             for (int t = 0; t < nth; ++t) z += psum[((size_t) t*I + it)*G + hh];
             zinv[hh] = (float) (1.0 / z);
         }
+        // gs holds -1 where masked and 0 elsewhere (phase B); masked L is exp(-inf) = 0
         float * gs = gsall + it*S;
         const float * L = Lall + it*G*S;
-        for (int64_t p = c0; p < c1; ++p) {
-            if (gs[p] < 0.0f) continue;  // masked
-            if (p >= inf.t_local) { gs[p] = INFINITY; continue; }
-            float sum = 0.0f;
-            for (int64_t hh = 0; hh < G; ++hh) sum += L[hh*S + p] * zinv[hh];
-            gs[p] = sum;
+        if (c1 > c0) {
+            for (int64_t hh = 0; hh < G; ++hh) ggml_vec_mad_f32((int) (c1 - c0), gs + c0, L + hh*S + c0, zinv[hh]);
+        }
+        for (int64_t p = std::max<int64_t>(c0, inf.t_local); p < c1; ++p) {
+            if (gs[p] >= 0.0f) gs[p] = INFINITY;  // the local window is always selected
         }
     }
     ggml_barrier(params->threadpool);
@@ -507,37 +578,42 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
             else memcpy(qbuf + hh*d.D, qh, d.D*sizeof(float));
         }
         float * P = part + ((size_t) ith*I + it)*G*o.part_stride;
-        for (int64_t hh = 0; hh < G; ++hh) {
-            float * ph = P + hh*o.part_stride;
-            ph[0] = -INFINITY; ph[1] = 0.0f; ph[2] = 0.0f;
-            memset(ph + 3, 0, d.Dv*sizeof(float));
-        }
-        for (int64_t ai = a0; ai < a1; ++ai) {
-            const int64_t p = isel[ai];
+        const int64_t na = a1 - a0;
+        // pass 1: the scores of this thread's rows, per head (row-major: sc[hh*na + i])
+        for (int64_t i = 0; i < na; ++i) {
+            const int64_t p = isel[a0 + i];
             const char * krow = (const char *) k->data + p*k->nb[1] + g*k->nb[2] + s*k->nb[3];
-            const char * vsrc = (const char *) v->data + p*v->nb[1] + g*v->nb[2] + s*v->nb[3];
-            if (v_f16) ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vsrc, vrow, d.Dv);
-            else memcpy(vrow, vsrc, d.Dv*sizeof(float));
             const float mv = mask_at(mask, mrow, p);
             for (int64_t hh = 0; hh < G; ++hh) {
                 float dot;
                 if (k_f16) ggml_vec_dot_f16((int) d.D, &dot, 0, (ggml_fp16_t *) krow, 0, (ggml_fp16_t *) (qbuf + hh*d.D), 0, 1);
                 else       ggml_vec_dot_f32((int) d.D, &dot, 0, (const float *) krow, 0, qbuf + hh*d.D, 0, 1);
-                const float x = dot*d.scale + mv;
-                float * ph = P + hh*o.part_stride;
-                float w;
-                if (x > ph[0]) {
-                    const float ms = std::exp(ph[0] - x);
-                    ph[0] = x;
-                    ph[1] *= ms;
-                    ggml_vec_scale_f32((int) d.Dv, ph + 3, ms);
-                    w = 1.0f;
-                } else {
-                    w = std::exp(x - ph[0]);
-                }
-                ph[1] += w;
-                ggml_vec_mad_f32((int) d.Dv, ph + 3, vrow, w);
-                if (!inf.dense) ph[2] += L[hh*S + p] * zinv[hh];
+                sc[hh*na + i] = dot*d.scale + mv;
+            }
+        }
+        // pass 2: softmax weights against this thread's max (vectorised exp), alpha's share
+        for (int64_t hh = 0; hh < G; ++hh) {
+            float * ph = P + hh*o.part_stride;
+            float mx = -INFINITY;
+            if (na > 0) ggml_vec_max_f32((int) na, &mx, sc + hh*na);
+            ph[0] = mx;
+            ph[1] = na > 0 ? (float) ggml_vec_soft_max_f32((int) na, sc + hh*na, sc + hh*na, mx) : 0.0f;
+            float al = 0.0f;
+            if (!inf.dense) {
+                for (int64_t i = 0; i < na; ++i) al += L[hh*S + isel[a0 + i]];
+                al *= zinv[hh];
+            }
+            ph[2] = al;
+            memset(ph + 3, 0, d.Dv*sizeof(float));
+        }
+        // pass 3: the weighted sum of this thread's V rows
+        for (int64_t i = 0; i < na; ++i) {
+            const int64_t p = isel[a0 + i];
+            const char * vsrc = (const char *) v->data + p*v->nb[1] + g*v->nb[2] + s*v->nb[3];
+            if (v_f16) ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vsrc, vrow, d.Dv);
+            else memcpy(vrow, vsrc, d.Dv*sizeof(float));
+            for (int64_t hh = 0; hh < G; ++hh) {
+                ggml_vec_mad_f32((int) d.Dv, P + hh*o.part_stride + 3, vrow, sc[hh*na + i]);
             }
         }
     }

@@ -1,0 +1,201 @@
+// sparq-cpp: times GGML_OP_SPARQ_ATTN against both dense attention paths of ggml on the CPU, in
+// one run, on the same data: ggml_flash_attn_ext, and mul_mat + soft_max_ext + mul_mat over a
+// transposed V (llama.cpp's path with flash attention off). One query token, F16 K/V.
+//
+//   bench-sparq-op [--threads N] [--reps N] [--ctx 1024,4096,...] [--dims 64:3:3,128:4:8]
+//                  [--compression 8,16]
+//
+// --dims takes head_dim:group_size:n_head_kv triples. Prints one JSON object per line (a result
+// per configuration, and first the machine's measured read bandwidth); scripts/bench_op.py turns
+// them into a table, JSON and a plot.
+
+#include "ggml.h"
+#include "ggml-cpu.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using clk = std::chrono::steady_clock;
+
+std::vector<int> parse_ints(const char * s) {
+    std::vector<int> out;
+    for (const char * p = s; *p; ) {
+        out.push_back(atoi(p));
+        while (*p && *p != ',') p++;
+        if (*p == ',') p++;
+    }
+    return out;
+}
+
+struct Dims { int D, G, Hkv; };
+
+// read bandwidth: threads each sum a disjoint part of a large buffer
+double read_bandwidth_gbs(int threads) {
+    const size_t n = (size_t) 256 << 20;  // bytes
+    std::vector<float> buf(n / sizeof(float), 1.0f);
+    std::vector<double> best;
+    double best_s = 1e9;
+    for (int rep = 0; rep < 5; ++rep) {
+        std::vector<std::thread> th;
+        std::vector<double> sums(threads);
+        auto t0 = clk::now();
+        for (int t = 0; t < threads; ++t) {
+            th.emplace_back([&, t]() {
+                const size_t per = buf.size() / threads;
+                const float * p = buf.data() + t*per;
+                float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+                for (size_t i = 0; i + 8 <= per; i += 8) {
+                    a0 += p[i]; a1 += p[i+1]; a2 += p[i+2]; a3 += p[i+3];
+                    a4 += p[i+4]; a5 += p[i+5]; a6 += p[i+6]; a7 += p[i+7];
+                }
+                sums[t] = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7;
+            });
+        }
+        for (auto & x : th) x.join();
+        const double s = std::chrono::duration<double>(clk::now() - t0).count();
+        if (sums[0] < 0) printf("#\n");  // keep the sums alive
+        best_s = std::min(best_s, s);
+    }
+    return n / best_s / 1e9;
+}
+
+struct Runner {
+    ggml_threadpool * tp;
+    int threads;
+    std::vector<uint8_t> work;
+
+    double median_ms(ggml_cgraph * gf, int reps) {
+        ggml_cplan plan = ggml_graph_plan(gf, threads, tp);
+        work.resize(plan.work_size + 64);
+        plan.work_data = work.data();
+        for (int i = 0; i < 3; ++i) ggml_graph_compute(gf, &plan);
+        std::vector<double> ts;
+        for (int i = 0; i < reps; ++i) {
+            auto t0 = clk::now();
+            ggml_graph_compute(gf, &plan);
+            ts.push_back(std::chrono::duration<double, std::milli>(clk::now() - t0).count());
+        }
+        std::sort(ts.begin(), ts.end());
+        return ts[ts.size()/2];
+    }
+};
+
+void fill_f16(ggml_tensor * t, std::mt19937 & gen) {
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    const int64_t n = ggml_nelements(t);
+    std::vector<float> f(n);
+    for (auto & x : f) x = nd(gen);
+    ggml_fp32_to_fp16_row(f.data(), (ggml_fp16_t *) t->data, n);
+}
+
+} // namespace
+
+int main(int argc, char ** argv) {
+    int threads = 2, reps = 20;
+    std::vector<int> ctxs = {1024, 4096, 8192, 16384, 32768};
+    std::vector<int> comps = {8, 16};
+    std::vector<Dims> dims = {{64, 3, 3}, {128, 4, 8}};
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        auto next = [&]() { if (i + 1 >= argc) { fprintf(stderr, "missing value for %s\n", a.c_str()); exit(2); } return argv[++i]; };
+        if (a == "--threads") threads = atoi(next());
+        else if (a == "--reps") reps = atoi(next());
+        else if (a == "--ctx") ctxs = parse_ints(next());
+        else if (a == "--compression") comps = parse_ints(next());
+        else if (a == "--dims") {
+            dims.clear();
+            std::string s = next();
+            size_t pos = 0;
+            while (pos < s.size()) {
+                size_t e = s.find(',', pos); if (e == std::string::npos) e = s.size();
+                Dims d; sscanf(s.substr(pos, e - pos).c_str(), "%d:%d:%d", &d.D, &d.G, &d.Hkv);
+                dims.push_back(d); pos = e + 1;
+            }
+        } else { fprintf(stderr, "unknown argument %s\n", a.c_str()); return 2; }
+    }
+    ggml_cpu_init();
+    printf("{\"kind\": \"machine\", \"threads\": %d, \"read_gbs\": %.2f}\n", threads, read_bandwidth_gbs(threads));
+    fflush(stdout);
+
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(threads);
+    Runner run{ggml_threadpool_new(&tpp), threads, {}};
+    std::mt19937 gen(7);
+
+    for (const Dims & dm : dims) {
+        for (int S : ctxs) {
+            const int D = dm.D, H = dm.G*dm.Hkv, Hkv = dm.Hkv;
+            const size_t kvb = (size_t) S*D*Hkv*2;
+            ggml_init_params ip = { 4*kvb + (size_t) 64*S*H + ((size_t) 256 << 20), nullptr, false };
+            ggml_context * ctx = ggml_init(ip);
+            ggml_tensor * q  = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, D, 1, H, 1);
+            ggml_tensor * k  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, D, S, Hkv, 1);
+            ggml_tensor * v  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, D, S, Hkv, 1);
+            ggml_tensor * kt = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, D, Hkv, 1);
+            ggml_tensor * vt = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, D, Hkv, 1);
+            ggml_tensor * vm = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, D, Hkv, 1, 1);
+            ggml_tensor * m16 = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, 1, 1, 1);
+            ggml_tensor * m32 = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, S, 1, 1, 1);
+            {
+                std::normal_distribution<float> nd(0.0f, 1.0f);
+                for (int64_t i = 0; i < ggml_nelements(q); ++i) ((float *) q->data)[i] = nd(gen);
+                for (int64_t i = 0; i < ggml_nelements(vm); ++i) ((float *) vm->data)[i] = nd(gen) * 0.1f;
+                fill_f16(k, gen); fill_f16(v, gen);
+                // K^T and V^T hold the same values as K and V
+                const ggml_fp16_t * kd = (const ggml_fp16_t *) k->data, * vd = (const ggml_fp16_t *) v->data;
+                for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) for (int j = 0; j < D; ++j) {
+                    ((ggml_fp16_t *) kt->data)[((size_t) g*D + j)*S + p] = kd[((size_t) g*S + p)*D + j];
+                    ((ggml_fp16_t *) vt->data)[((size_t) g*D + j)*S + p] = vd[((size_t) g*S + p)*D + j];
+                }
+                for (int p = 0; p < S; ++p) { ((ggml_fp16_t *) m16->data)[p] = ggml_fp32_to_fp16(0.0f); ((float *) m32->data)[p] = 0.0f; }
+            }
+            const float scale = 1.0f / std::sqrt((float) D);
+
+            ggml_tensor * fa = ggml_flash_attn_ext(ctx, q, k, v, m16, scale, 0.0f, 0.0f);
+            ggml_prec_set_acc(fa, GGML_PREC_F32);
+            ggml_cgraph * g_fa = ggml_new_graph(ctx);
+            ggml_build_forward_expand(g_fa, fa);
+
+            ggml_tensor * kq = ggml_mul_mat(ctx, k, q);                   // [S, 1, H]
+            kq = ggml_soft_max_ext(ctx, kq, m32, scale, 0.0f);
+            ggml_tensor * kqv = ggml_mul_mat(ctx, vt, kq);                // [D, 1, H]
+            ggml_cgraph * g_mm = ggml_new_graph(ctx);
+            ggml_build_forward_expand(g_mm, kqv);
+
+            // SPARQ_BENCH_ONLY_SPARQ=1: skip the dense timings (for profiling the op alone)
+            const bool only_sparq = getenv("SPARQ_BENCH_ONLY_SPARQ") != nullptr;
+            const double t_fa = only_sparq ? 0.0 : run.median_ms(g_fa, reps);
+            const double t_mm = only_sparq ? 0.0 : run.median_ms(g_mm, reps);
+            const double dense_bytes = 2.0*kvb + 2.0*S;
+
+            for (int c : comps) {
+                const int r = std::max(1, (int) std::lround((double) D / c));
+                const int kk = std::max(1, (int) std::lround((double) S / (2.0*c)));
+                const int l = kk / 4;
+                ggml_tensor * sq = ggml_sparq_attn(ctx, q, k, kt, v, vm, m16, scale, r, kk, l, GGML_SPARQ_REALLOC);
+                ggml_cgraph * g_sq = ggml_new_graph(ctx);
+                ggml_build_forward_expand(g_sq, sq);
+                const double t_sq = run.median_ms(g_sq, reps);
+                const double sparq_bytes = (double) Hkv*((double) S*r*2 + 2.0*kk*D*2) + 2.0*S;
+                printf("{\"kind\": \"op\", \"head_dim\": %d, \"group\": %d, \"n_head_kv\": %d, \"ctx\": %d, "
+                       "\"compression\": \"1/%d\", \"r\": %d, \"k\": %d, \"l\": %d, "
+                       "\"ms_sparq\": %.4f, \"ms_flash_attn\": %.4f, \"ms_mul_mat\": %.4f, "
+                       "\"bytes_sparq\": %.0f, \"bytes_dense\": %.0f}\n",
+                       D, dm.G, Hkv, S, c, r, kk, l, t_sq, t_fa, t_mm, sparq_bytes, dense_bytes);
+                fflush(stdout);
+            }
+            ggml_free(ctx);
+        }
+    }
+    ggml_threadpool_free(run.tp);
+    return 0;
+}
