@@ -3,8 +3,8 @@
 // Fast path, all threads, phases separated by barriers:
 //   A  per item (query row x KV head): visible count and range, local window, i1, tau scales;
 //      items with k >= visible take every visible row (dense) and skip B-E
-//   B  positions split across threads: approximate logits from r rows of K^T
-//   C  positions split: exp(logit - max) in place, partial sums
+//   B  positions split across threads: approximate logits from r rows of K^T (AVX2: in
+//      registers, f16 converted on the fly), per-thread softmax max and denominator, online
 //   D  positions split: the group's summed, normalised score (+inf on the local window)
 //   E  per item: O(S) radix selection of the top k, in position order
 //   F  selected rows split across threads: exact attention on K/V rows, online softmax partials
@@ -31,6 +31,13 @@ namespace {
 constexpr int64_t SPARQ_BLK   = 256;  // positions per block in step 2
 constexpr int64_t SPARQ_HBITS = 12;   // radix-select histogram: top 12 bits of the score
 constexpr int64_t SPARQ_HBINS = 1 << SPARQ_HBITS;
+constexpr int64_t SPARQ_PF    = 8;    // rows prefetched ahead in the gather of step 5
+
+inline void prefetch_row(const char * p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) {
+        __builtin_prefetch(p + o, 0, 0);
+    }
+}
 
 struct sparq_dims {
     int64_t D, Dv, n_kv, n_batch, n_head, n_head_kv, G, ne3, n_items;
@@ -435,7 +442,25 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     }
     ggml_barrier(params->threadpool);
 
-    // ---- B: approximate logits from r rows of K^T, positions split across threads ----------
+    // per head of item it: the global max of the approximate logits and 1/softmax denominator,
+    // merged from the threads' partials
+    auto head_norm = [&](int64_t it, float * M, float * zinv) {
+        for (int64_t hh = 0; hh < G; ++hh) {
+            float m = -INFINITY;
+            for (int t = 0; t < nth; ++t) m = std::max(m, pmax[((size_t) t*I + it)*G + hh]);
+            double z = 0;
+            for (int t = 0; t < nth; ++t) {
+                const float mt = pmax[((size_t) t*I + it)*G + hh];
+                if (mt != -INFINITY) z += (double) psum[((size_t) t*I + it)*G + hh] * std::exp((double) mt - m);
+            }
+            M[hh] = m;
+            zinv[hh] = (float) (1.0 / z);
+        }
+    };
+
+    // ---- B: approximate logits from r rows of K^T, positions split across threads; the -----
+    //         softmax max and denominator per head, online
+
     for (int64_t it = 0; it < I; ++it) {
         const item_info & inf = info[it];
         if (inf.dense) continue;
@@ -445,35 +470,18 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         const int32_t * ii = i1 + it*d.D;
         float * L = Lall + it*G*S;
         float * gs = gsall + it*S;
-        float lmax[64];
+        float lmax[64], zsum[64];
         GGML_ASSERT(G <= 64);
-        for (int64_t hh = 0; hh < G; ++hh) lmax[hh] = -INFINITY;
-        int64_t pb = c0;  // positions before pb are done
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-        if (k_f16) {
-            const int64_t n8 = (c1 - c0) & ~int64_t(7);
-            const char * kt0 = (const char *) kt->data + g*kt->nb[2] + s*kt->nb[3];
-            for (int64_t h0 = 0; h0 < G; h0 += 4) {
-                const int ng = (int) std::min<int64_t>(4, G - h0);
-                const float * qh[4]; float * Lh[4];
-                for (int h = 0; h < ng; ++h) { qh[h] = q_row(b, g*G + h0 + h, s); Lh[h] = L + (h0 + h)*S; }
-                const float * asc = ascale + it*G + h0;
-                switch (ng) {
-                    case 1: step2_avx2<1>(c0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                    case 2: step2_avx2<2>(c0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                    case 3: step2_avx2<3>(c0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                    default: step2_avx2<4>(c0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                }
-            }
-            pb = c0 + n8;
-        }
-#endif
-        for (int64_t p0 = pb; p0 < c1; p0 += SPARQ_BLK) {
-            const int64_t n = std::min(SPARQ_BLK, c1 - p0);
+        for (int64_t hh = 0; hh < G; ++hh) { lmax[hh] = -INFINITY; zsum[hh] = 0.0f; }
+        const char * kt0 = (const char *) kt->data + g*kt->nb[2] + s*kt->nb[3];
+        // plain step 2 on [pa, pb) (at most SPARQ_BLK positions)
+        auto step2_plain = [&](int64_t pa, int64_t pb) {
+            const int64_t n = pb - pa;
+            if (n <= 0) return;
             memset(acc, 0, sizeof(float)*G*SPARQ_BLK);
             for (int32_t jj = 0; jj < d.r; ++jj) {
                 const int64_t j = ii[jj];
-                const char * ktrow = (const char *) kt->data + j*kt->nb[1] + g*kt->nb[2] + s*kt->nb[3] + p0*kt->nb[0];
+                const char * ktrow = kt0 + j*kt->nb[1] + pa*kt->nb[0];
                 const float * row;
                 if (k_f16) {
                     ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) ktrow, blk_row, n);
@@ -486,14 +494,14 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
                 }
             }
             if (mask->type == GGML_TYPE_F16) {
-                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) mrow + p0, blk_mask, n);
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) mrow + pa, blk_mask, n);
             } else {
-                memcpy(blk_mask, (const float *) mrow + p0, n*sizeof(float));
+                memcpy(blk_mask, (const float *) mrow + pa, n*sizeof(float));
             }
-            for (int64_t i = 0; i < n; ++i) gs[p0 + i] = blk_mask[i] == -INFINITY ? -1.0f : 0.0f;
+            for (int64_t i = 0; i < n; ++i) gs[pa + i] = blk_mask[i] == -INFINITY ? -1.0f : 0.0f;
             for (int64_t hh = 0; hh < G; ++hh) {
                 const float sc = ascale[it*G + hh];
-                float * Lh = L + hh*S + p0;
+                float * Lh = L + hh*S + pa;
                 const float * ah = acc + hh*SPARQ_BLK;
                 float mx = lmax[hh];
                 for (int64_t i = 0; i < n; ++i) {
@@ -504,22 +512,40 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
                 }
                 lmax[hh] = mx;
             }
+        };
+        for (int64_t p0 = c0; p0 < c1; p0 += SPARQ_BLK) {
+            const int64_t n = std::min(SPARQ_BLK, c1 - p0);
+            float mprev[64];
+            std::copy(lmax, lmax + G, mprev);
+            int64_t n8 = 0;
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+            if (k_f16) {
+                n8 = n & ~int64_t(7);
+                for (int64_t h0 = 0; h0 < G; h0 += 4) {
+                    const int ng = (int) std::min<int64_t>(4, G - h0);
+                    const float * qh[4]; float * Lh[4];
+                    for (int h = 0; h < ng; ++h) { qh[h] = q_row(b, g*G + h0 + h, s); Lh[h] = L + (h0 + h)*S; }
+                    const float * asc = ascale + it*G + h0;
+                    switch (ng) {
+                        case 1:  step2_avx2<1>(p0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                        case 2:  step2_avx2<2>(p0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                        case 3:  step2_avx2<3>(p0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                        default: step2_avx2<4>(p0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                    }
+                }
+            }
+#endif
+            step2_plain(p0 + n8, p0 + n);
+            // softmax denominator, online across blocks while the block is in cache
+            for (int64_t hh = 0; hh < G; ++hh) {
+                if (lmax[hh] == -INFINITY) continue;
+                const float rescale = mprev[hh] == -INFINITY ? 0.0f : std::exp(mprev[hh] - lmax[hh]);
+                zsum[hh] = zsum[hh]*rescale + (float) ggml_vec_soft_max_f32((int) n, blk_row, L + hh*S + p0, lmax[hh]);
+            }
         }
-        for (int64_t hh = 0; hh < G; ++hh) pmax[((size_t) ith*I + it)*G + hh] = lmax[hh];
-    }
-    ggml_barrier(params->threadpool);
-
-    // ---- C: exp in place, partial sums -----------------------------------------------------
-    for (int64_t it = 0; it < I; ++it) {
-        const item_info & inf = info[it];
-        if (inf.dense) continue;
-        int64_t c0, c1; split_range(inf.p_lo, inf.p_hi, ith, nth, c0, c1);
         for (int64_t hh = 0; hh < G; ++hh) {
-            float M = -INFINITY;
-            for (int t = 0; t < nth; ++t) M = std::max(M, pmax[((size_t) t*I + it)*G + hh]);
-            float * Lh = Lall + (it*G + hh)*S;
-            const ggml_float sum = c1 > c0 ? ggml_vec_soft_max_f32((int) (c1 - c0), Lh + c0, Lh + c0, M) : 0.0;
-            psum[((size_t) ith*I + it)*G + hh] = (float) sum;
+            pmax[((size_t) ith*I + it)*G + hh] = lmax[hh];
+            psum[((size_t) ith*I + it)*G + hh] = zsum[hh];
         }
     }
     ggml_barrier(params->threadpool);
@@ -529,17 +555,17 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         const item_info & inf = info[it];
         if (inf.dense) continue;
         int64_t c0, c1; split_range(inf.p_lo, inf.p_hi, ith, nth, c0, c1);
-        float zinv[64];
-        for (int64_t hh = 0; hh < G; ++hh) {
-            double z = 0;
-            for (int t = 0; t < nth; ++t) z += psum[((size_t) t*I + it)*G + hh];
-            zinv[hh] = (float) (1.0 / z);
-        }
-        // gs holds -1 where masked and 0 elsewhere (phase B); masked L is exp(-inf) = 0
+        float M[64], zinv[64];
+        head_norm(it, M, zinv);
+        // gs holds -1 where masked and 0 elsewhere (phase B); exp(-inf) = 0 keeps it so
         float * gs = gsall + it*S;
         const float * L = Lall + it*G*S;
-        if (c1 > c0) {
-            for (int64_t hh = 0; hh < G; ++hh) ggml_vec_mad_f32((int) (c1 - c0), gs + c0, L + hh*S + c0, zinv[hh]);
+        for (int64_t p0 = c0; p0 < c1; p0 += SPARQ_BLK) {
+            const int n = (int) std::min(SPARQ_BLK, c1 - p0);
+            for (int64_t hh = 0; hh < G; ++hh) {
+                ggml_vec_soft_max_f32(n, blk_row, L + hh*S + p0, M[hh]);
+                ggml_vec_mad_f32(n, gs + p0, blk_row, zinv[hh]);
+            }
         }
         for (int64_t p = std::max<int64_t>(c0, inf.t_local); p < c1; ++p) {
             if (gs[p] >= 0.0f) gs[p] = INFINITY;  // the local window is always selected
@@ -563,14 +589,8 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         const char * mrow = mask_row(mask, b, s);
         const int32_t * isel = sel + it*S;
         const float * L = Lall + it*G*S;
-        float zinv[64];
-        if (!inf.dense) {
-            for (int64_t hh = 0; hh < G; ++hh) {
-                double z = 0;
-                for (int t = 0; t < nth; ++t) z += psum[((size_t) t*I + it)*G + hh];
-                zinv[hh] = (float) (1.0 / z);
-            }
-        }
+        float Mh[64], zinv[64];
+        if (!inf.dense) head_norm(it, Mh, zinv);
         // q in K's dot type
         for (int64_t hh = 0; hh < G; ++hh) {
             const float * qh = q_row(b, g*G + hh, s);
@@ -580,9 +600,13 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         float * P = part + ((size_t) ith*I + it)*G*o.part_stride;
         const int64_t na = a1 - a0;
         // pass 1: the scores of this thread's rows, per head (row-major: sc[hh*na + i])
+        const size_t krow_bytes = d.D*ggml_type_size(k->type), vrow_bytes = d.Dv*ggml_type_size(v->type);
         for (int64_t i = 0; i < na; ++i) {
             const int64_t p = isel[a0 + i];
             const char * krow = (const char *) k->data + p*k->nb[1] + g*k->nb[2] + s*k->nb[3];
+            if (i + SPARQ_PF < na) {  // the rows are scattered: keep several loads in flight
+                prefetch_row((const char *) k->data + isel[a0 + i + SPARQ_PF]*k->nb[1] + g*k->nb[2] + s*k->nb[3], krow_bytes);
+            }
             const float mv = mask_at(mask, mrow, p);
             for (int64_t hh = 0; hh < G; ++hh) {
                 float dot;
@@ -599,9 +623,10 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
             ph[0] = mx;
             ph[1] = na > 0 ? (float) ggml_vec_soft_max_f32((int) na, sc + hh*na, sc + hh*na, mx) : 0.0f;
             float al = 0.0f;
-            if (!inf.dense) {
-                for (int64_t i = 0; i < na; ++i) al += L[hh*S + isel[a0 + i]];
-                al *= zinv[hh];
+            if (!inf.dense && na > 0) {
+                float * tmp = (float *) cand;  // free in this phase
+                for (int64_t i = 0; i < na; ++i) tmp[i] = L[hh*S + isel[a0 + i]];
+                al = (float) ggml_vec_soft_max_f32((int) na, tmp, tmp, Mh[hh]) * zinv[hh];
             }
             ph[2] = al;
             memset(ph + 3, 0, d.Dv*sizeof(float));
@@ -610,6 +635,9 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         for (int64_t i = 0; i < na; ++i) {
             const int64_t p = isel[a0 + i];
             const char * vsrc = (const char *) v->data + p*v->nb[1] + g*v->nb[2] + s*v->nb[3];
+            if (i + SPARQ_PF < na) {
+                prefetch_row((const char *) v->data + isel[a0 + i + SPARQ_PF]*v->nb[1] + g*v->nb[2] + s*v->nb[3], vrow_bytes);
+            }
             if (v_f16) ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vsrc, vrow, d.Dv);
             else memcpy(vrow, vsrc, d.Dv*sizeof(float));
             for (int64_t hh = 0; hh < G; ++hh) {
