@@ -115,8 +115,7 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
         double mx = -INFINITY;
         for (int p : i2) {
             double dot = 0;
-            // scores in K's precision: q is rounded to f16 when K is f16 (as flash attention does)
-            for (int j = 0; j < D; ++j) dot += (c.tkv == GGML_TYPE_F16 ? (double) round_f16((float) q(h, j)) : q(h, j)) * K(p, j);
+            for (int j = 0; j < D; ++j) dot += q(h, j) * K(p, j);
             x.push_back(dot * scale + M(p));
             mx = std::max(mx, x.back());
         }
@@ -146,8 +145,7 @@ void dense(const Case & c, const Data & d, int b, int h, std::vector<double> & o
         if (std::isinf(d.mask[(size_t) b*S + p])) continue;
         double dot = 0;
         for (int j = 0; j < D; ++j) {
-            const double qj = d.q[((size_t) b*c.G*c.Hkv + h)*D + j];
-            dot += (c.tkv == GGML_TYPE_F16 ? (double) round_f16((float) qj) : qj) * d.K[((size_t) g*S + p)*D + j];
+            dot += (double) d.q[((size_t) b*c.G*c.Hkv + h)*D + j] * d.K[((size_t) g*S + p)*D + j];
         }
         x[p] = dot / std::sqrt((double) D) + d.mask[(size_t) b*S + p];
         mx = std::max(mx, x[p]);

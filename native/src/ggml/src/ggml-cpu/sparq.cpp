@@ -35,7 +35,7 @@ constexpr int64_t SPARQ_PF    = 8;    // rows prefetched ahead in the gather of 
 
 inline void prefetch_row(const char * p, size_t bytes) {
     for (size_t o = 0; o < bytes; o += 64) {
-        __builtin_prefetch(p + o, 0, 0);
+        __builtin_prefetch(p + o, 0, 3);
     }
 }
 
@@ -337,6 +337,28 @@ void step2_avx2(int64_t p0, int64_t n, int r, const int32_t * ii, const char * k
 }
 #endif
 
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+// dots of one f16 K row with the G f32 queries of a group (q: G rows of D), D a multiple of 8;
+// each 8 values of K are converted once and used by up to 4 heads
+inline void dot_group_f16(const ggml_fp16_t * kr, const float * q, int64_t D, int64_t G, float * out) {
+    for (int64_t h0 = 0; h0 < G; h0 += 4) {
+        const int64_t ng = std::min<int64_t>(4, G - h0);
+        const float * q0 = q + h0*D;
+        __m256 a[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+        for (int64_t j = 0; j < D; j += 8) {
+            const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (kr + j)));
+            for (int64_t h = 0; h < ng; ++h) a[h] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q0 + h*D + j), a[h]);
+        }
+        for (int64_t h = 0; h < ng; ++h) {
+            __m128 x = _mm_add_ps(_mm256_castps256_ps128(a[h]), _mm256_extractf128_ps(a[h], 1));
+            x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+            x = _mm_add_ss(x, _mm_movehdup_ps(x));
+            out[h0 + h] = _mm_cvtss_f32(x);
+        }
+    }
+}
+#endif
+
 void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     const ggml_tensor * q     = dst->src[0];
     const ggml_tensor * k     = dst->src[1];
@@ -591,11 +613,9 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         const float * L = Lall + it*G*S;
         float Mh[64], zinv[64];
         if (!inf.dense) head_norm(it, Mh, zinv);
-        // q in K's dot type
+        // the group's queries, contiguous, in f32 (scores are fp32: K is converted, q is not rounded)
         for (int64_t hh = 0; hh < G; ++hh) {
-            const float * qh = q_row(b, g*G + hh, s);
-            if (k_f16) ggml_cpu_fp32_to_fp16(qh, (ggml_fp16_t *) (qbuf + hh*d.D), d.D);
-            else memcpy(qbuf + hh*d.D, qh, d.D*sizeof(float));
+            memcpy(qbuf + hh*d.D, q_row(b, g*G + hh, s), d.D*sizeof(float));
         }
         float * P = part + ((size_t) ith*I + it)*G*o.part_stride;
         const int64_t na = a1 - a0;
@@ -608,12 +628,18 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
                 prefetch_row((const char *) k->data + isel[a0 + i + SPARQ_PF]*k->nb[1] + g*k->nb[2] + s*k->nb[3], krow_bytes);
             }
             const float mv = mask_at(mask, mrow, p);
-            for (int64_t hh = 0; hh < G; ++hh) {
-                float dot;
-                if (k_f16) ggml_vec_dot_f16((int) d.D, &dot, 0, (ggml_fp16_t *) krow, 0, (ggml_fp16_t *) (qbuf + hh*d.D), 0, 1);
-                else       ggml_vec_dot_f32((int) d.D, &dot, 0, (const float *) krow, 0, qbuf + hh*d.D, 0, 1);
-                sc[hh*na + i] = dot*d.scale + mv;
+            float dots[64];
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+            if (k_f16 && d.D % 8 == 0) {
+                dot_group_f16((const ggml_fp16_t *) krow, qbuf, d.D, G, dots);
+            } else
+#endif
+            {
+                const float * kr = (const float *) krow;
+                if (k_f16) { ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) krow, blk_row, d.D); kr = blk_row; }
+                for (int64_t hh = 0; hh < G; ++hh) ggml_vec_dot_f32((int) d.D, &dots[hh], 0, kr, 0, qbuf + hh*d.D, 0, 1);
             }
+            for (int64_t hh = 0; hh < G; ++hh) sc[hh*na + i] = dots[hh]*d.scale + mv;
         }
         // pass 2: softmax weights against this thread's max (vectorised exp), alpha's share
         for (int64_t hh = 0; hh < G; ++hh) {
@@ -638,6 +664,18 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
             if (i + SPARQ_PF < na) {
                 prefetch_row((const char *) v->data + isel[a0 + i + SPARQ_PF]*v->nb[1] + g*v->nb[2] + s*v->nb[3], vrow_bytes);
             }
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+            if (v_f16 && d.Dv % 8 == 0) {  // convert each 8 values once, for all heads of the group
+                for (int64_t j = 0; j < d.Dv; j += 8) {
+                    const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) vsrc + j)));
+                    for (int64_t hh = 0; hh < G; ++hh) {
+                        float * a = P + hh*o.part_stride + 3 + j;
+                        _mm256_storeu_ps(a, _mm256_fmadd_ps(vv, _mm256_set1_ps(sc[hh*na + i]), _mm256_loadu_ps(a)));
+                    }
+                }
+                continue;
+            }
+#endif
             if (v_f16) ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vsrc, vrow, d.Dv);
             else memcpy(vrow, vsrc, d.Dv*sizeof(float));
             for (int64_t hh = 0; hh < G; ++hh) {
@@ -695,7 +733,7 @@ bool ggml_sparq_attn_supported(const struct ggml_tensor * op) {
     return q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) && ok_kv(k) && ok_kv(kt) && ok_kv(v) &&
            k->type == kt->type && op->type == GGML_TYPE_F32 &&
            (mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32) &&
-           q->ne[2] / k->ne[2] <= 64;
+           q->ne[2] / k->ne[2] <= 64 && q->ne[0] <= SPARQ_BLK && v->ne[0] <= SPARQ_BLK;
 }
 
 void ggml_compute_forward_sparq_attn(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
