@@ -34,6 +34,7 @@ $(STAMP): pyproject.toml requirements-dev.txt native/upstream.cmake
 setup: $(STAMP)
 
 build: $(STAMP)
+	@echo "building the native library into sparq_cpp/lib (a clean build takes a few minutes on 2 cores) ..."
 	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(VPY) -m pip install --quiet --disable-pip-version-check \
 	  --no-build-isolation --no-deps -e . -Ccmake.define.SPARQ_BUILD_TESTS=ON
 

@@ -394,7 +394,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     float       * blk_row  = thr;                                  // SPARQ_BLK
     float       * blk_mask = thr + SPARQ_BLK;                      // SPARQ_BLK
     float       * acc      = thr + 2*SPARQ_BLK;                    // G*SPARQ_BLK
-    float       * qbuf     = thr + (G + 2)*SPARQ_BLK;              // G*D (f16 or f32 copies of q)
+    float       * qbuf     = thr + (G + 2)*SPARQ_BLK;              // G*D: the group's q rows in f32
     float       * vrow     = qbuf + G*d.D;                         // Dv
     int32_t     * hist     = (int32_t *) (vrow + d.Dv);            // SPARQ_HBINS
     uint32_t    * cand     = (uint32_t *) (hist + SPARQ_HBINS);    // S
