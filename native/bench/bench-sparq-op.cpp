@@ -43,7 +43,6 @@ struct Dims { int D, G, Hkv; };
 double read_bandwidth_gbs(int threads) {
     const size_t n = (size_t) 256 << 20;  // bytes
     std::vector<float> buf(n / sizeof(float), 1.0f);
-    std::vector<double> best;
     double best_s = 1e9;
     for (int rep = 0; rep < 5; ++rep) {
         std::vector<std::thread> th;

@@ -7,7 +7,8 @@
 //      registers, f16 converted on the fly), per-thread softmax max and denominator, online
 //   D  positions split: the group's summed, normalised score (+inf on the local window)
 //   E  per item: O(S) radix selection of the top k, in position order
-//   F  selected rows split across threads: exact attention on K/V rows, online softmax partials
+//   F  selected rows split across threads: exact attention on K/V rows, softmax partials per
+//      thread (max, sum, weighted V, alpha's share)
 //   G  per item and head: merge the partials, alpha mix with the mean of V
 // Reference path (params->use_ref): a plain double-precision implementation on one thread that
 // reads K rows instead of K^T, for test-backend-ops to compare against.
@@ -100,7 +101,7 @@ sparq_layout get_layout(const sparq_dims & d, int nth) {
     o.psum        = take((size_t) nth * I * G);
     o.part_stride = 3 + d.Dv;
     o.part        = take((size_t) nth * I * G * o.part_stride);
-    // per thread: step-2 row block + G accumulators + mask block, q in f16, V row in f32,
+    // per thread: step-2 row block + G accumulators + mask block, q rows in f32, V row in f32,
     // the radix histogram and the candidate list of the selection, the step-5 scores
     o.per_thr     = align16(SPARQ_BLK * (G + 2) + G * d.D + d.Dv + SPARQ_HBINS + S + G * (S / nth + 16));
     o.thr         = take((size_t) nth * o.per_thr);
@@ -621,11 +622,13 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         const int64_t na = a1 - a0;
         // pass 1: the scores of this thread's rows, per head (row-major: sc[hh*na + i])
         const size_t krow_bytes = d.D*ggml_type_size(k->type), vrow_bytes = d.Dv*ggml_type_size(v->type);
+        const char * kbase = (const char *) k->data + g*k->nb[2] + s*k->nb[3];  // this KV head's rows
+        const char * vbase = (const char *) v->data + g*v->nb[2] + s*v->nb[3];
         for (int64_t i = 0; i < na; ++i) {
             const int64_t p = isel[a0 + i];
-            const char * krow = (const char *) k->data + p*k->nb[1] + g*k->nb[2] + s*k->nb[3];
+            const char * krow = kbase + p*k->nb[1];
             if (i + SPARQ_PF < na) {  // the rows are scattered: keep several loads in flight
-                prefetch_row((const char *) k->data + isel[a0 + i + SPARQ_PF]*k->nb[1] + g*k->nb[2] + s*k->nb[3], krow_bytes);
+                prefetch_row(kbase + isel[a0 + i + SPARQ_PF]*k->nb[1], krow_bytes);
             }
             const float mv = mask_at(mask, mrow, p);
             float dots[64];
@@ -660,9 +663,9 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         // pass 3: the weighted sum of this thread's V rows
         for (int64_t i = 0; i < na; ++i) {
             const int64_t p = isel[a0 + i];
-            const char * vsrc = (const char *) v->data + p*v->nb[1] + g*v->nb[2] + s*v->nb[3];
+            const char * vsrc = vbase + p*v->nb[1];
             if (i + SPARQ_PF < na) {
-                prefetch_row((const char *) v->data + isel[a0 + i + SPARQ_PF]*v->nb[1] + g*v->nb[2] + s*v->nb[3], vrow_bytes);
+                prefetch_row(vbase + isel[a0 + i + SPARQ_PF]*v->nb[1], vrow_bytes);
             }
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
             if (v_f16 && d.Dv % 8 == 0) {  // convert each 8 values once, for all heads of the group
