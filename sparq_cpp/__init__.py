@@ -6,8 +6,9 @@ libllama (a fork of the pinned llama.cpp).
 
 from ._lib import LIB_DIR, LIB_PATH, llama_cpp, sparq_version
 from .llama import Llama
+from .sparq import SparqParams
 from .models import KNOWN_MODELS, model_path
 
 __version__ = "0.1.0"
 
-__all__ = ["Llama", "model_path", "KNOWN_MODELS", "sparq_version", "LIB_DIR", "LIB_PATH", "llama_cpp", "__version__"]
+__all__ = ["Llama", "SparqParams", "model_path", "KNOWN_MODELS", "sparq_version", "LIB_DIR", "LIB_PATH", "llama_cpp", "__version__"]

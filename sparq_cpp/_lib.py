@@ -60,7 +60,44 @@ llama_cpp = _import_llama_cpp()
 
 _CDEF = """
 const char * llama_sparq_version(void);
+
+struct llama_sparq_params {
+    int32_t k;
+    float   compression;
+    int32_t r;
+    int32_t l;
+    int32_t realloc;
+    int32_t min_ctx;
+    int32_t layer_start;
+    int32_t layer_end;
+    bool    no_tau;
+};
+
+struct llama_sparq_stats {
+    int64_t n_tokens_sparq;
+    int64_t n_tokens_dense;
+    int32_t n_layers_sparq;
+    int32_t n_layers;
+    double  bytes_attn_sparq;
+    double  bytes_attn_dense;
+    int64_t extra_bytes;
+};
+
+struct llama_context;
+
+struct llama_sparq_params llama_sparq_default_params(void);
+int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_params * params);
+int32_t llama_sparq_get(const struct llama_context * ctx, struct llama_sparq_params * params);
+int32_t llama_sparq_stats_get(const struct llama_context * ctx, struct llama_sparq_stats * stats);
+void    llama_sparq_stats_reset(struct llama_context * ctx);
+const char * llama_sparq_strerror(int32_t status);
+int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v);
 """
+
+# llama_sparq_status values (native/src/include/llama-sparq.h)
+SPARQ_OK = 0
+SPARQ_DENSE = 1
+SPARQ_ERR_V_TRANS = -10
 
 
 def _bind():

@@ -2,20 +2,101 @@
 
 from __future__ import annotations
 
-from ._lib import llama_cpp
-from .models import KNOWN_MODELS, model_path as _model_path
+import warnings
+from typing import Optional
 
-__all__ = ["Llama"]
+from . import sparq as _sparq
+from ._lib import SPARQ_DENSE, llama_cpp
+from .models import KNOWN_MODELS, model_path as _model_path
+from .sparq import SparqParams
+
+__all__ = ["Llama", "SparqParams"]
 
 
 class Llama(llama_cpp.Llama):
-    """Drop-in for ``llama_cpp.Llama``: same constructor, same methods.
+    """Drop-in for ``llama_cpp.Llama``: same constructor, same methods, plus SparQ Attention.
 
     ``model_path`` may also be a named model (``"smollm2-135m"``, ``"gemma3-270m"``), fetched on
     first use.
+
+    SparQ arguments (all keyword-only; none given: dense attention, exactly llama-cpp-python):
+
+    - ``sparq_k``: positions read exactly per query at each generated token, or
+    - ``sparq_compression``: target fraction of dense attention's K/V reads (for example 1/8);
+      k and r then follow the context length and head size;
+    - ``sparq_r`` (query components), ``sparq_l`` (local window, default k/4),
+      ``sparq_realloc`` (mean reallocation; default per model family), ``sparq_min_ctx``
+      (cache length from which SparQ replaces dense attention), ``sparq_layers`` ((start, end)),
+      ``sparq_no_tau`` (ablation).
+
+    SparQ needs V stored row-major, which llama.cpp does with flash attention: a SparQ request
+    turns ``flash_attn`` on (passing ``flash_attn=False`` with it is an error). To switch SparQ
+    on later with ``set_sparq``, create the model with ``flash_attn=True``.
     """
 
     def __init__(self, model_path: str, *args, **kwargs):
+        sparq_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("sparq_")}
+        params = SparqParams.from_kwargs(prefix="sparq_", **sparq_kwargs)  # ValueError before any loading
+        if params is not None:
+            if "flash_attn" in kwargs and not kwargs["flash_attn"]:
+                raise ValueError("SparQ needs flash_attn=True (V stored row-major); drop flash_attn=False")
+            kwargs["flash_attn"] = True
         if str(model_path) in KNOWN_MODELS:
             model_path = _model_path(model_path)
+        self._sparq_params: Optional[SparqParams] = None
         super().__init__(model_path, *args, **kwargs)
+        if params is not None:
+            self._set_sparq(params)
+
+    def close(self) -> None:
+        # a constructor refused before llama-cpp-python's __init__ ran leaves nothing to close
+        if hasattr(self, "_stack"):
+            super().close()
+
+    # -- SparQ ---------------------------------------------------------------------------------
+
+    def _set_sparq(self, params: Optional[SparqParams]) -> None:
+        rc = _sparq.apply(self._ctx.ctx, params)
+        if rc == SPARQ_DENSE:
+            warnings.warn("SparQ cannot be used with this model or cache type (see the log); "
+                          "decoding stays dense", RuntimeWarning, stacklevel=3)
+        self._sparq_params = params
+
+    def set_sparq(self, params: Optional[SparqParams] = None, /, **kwargs) -> None:
+        """Change SparQ settings on the live model (no reload), e.g. ``set_sparq(k=64)`` or
+        ``set_sparq(compression=1/8, realloc=False)``; ``set_sparq(None)`` returns to dense.
+        Tokens already in the cache are kept and taken into account."""
+        if params is not None and kwargs:
+            raise ValueError("give a SparqParams or keyword arguments, not both")
+        if params is None and kwargs:
+            params = SparqParams.from_kwargs(**kwargs)
+            if params is None:
+                raise ValueError("set_sparq needs k or compression (set_sparq(None) turns SparQ off)")
+        elif params is not None and not isinstance(params, SparqParams):
+            raise ValueError(f"set_sparq takes a SparqParams, keyword arguments or None, got {params!r}")
+        try:
+            self._set_sparq(params)
+        except ValueError as e:
+            if "flash attention" in str(e):
+                raise ValueError("this model stores V transposed (flash_attn=False): create it with "
+                                 "flash_attn=True, or with a sparq_* argument, to use SparQ") from None
+            raise
+
+    @property
+    def sparq(self) -> Optional[SparqParams]:
+        """The current SparQ settings, or None when decoding is dense."""
+        return _sparq.get(self._ctx.ctx) if self._ctx.ctx is not None else None
+
+    def sparq_stats(self, reset: bool = False) -> dict:
+        """Counters: tokens decoded with SparQ and dense (while SparQ was set), layers using it,
+        estimated attention bytes read against dense, extra memory."""
+        out = _sparq.stats(self._ctx.ctx)
+        if reset:
+            _sparq.reset_stats(self._ctx.ctx)
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if self._sparq_params is not None:
+            state.update(self._sparq_params.as_kwargs())
+        return state

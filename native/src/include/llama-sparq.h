@@ -1,4 +1,9 @@
 // sparq-cpp: the C API of SparQ attention in our libllama fork.
+//
+// SparQ is set on a live context (llama_context_params is passed by value from Python and keeps
+// upstream's layout). It needs V stored row-major: create the context with flash attention
+// enabled (flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED or AUTO), otherwise llama_sparq_set
+// returns LLAMA_SPARQ_ERR_V_TRANS.
 #pragma once
 
 #include "llama.h"
@@ -10,6 +15,66 @@ extern "C" {
 // Version of sparq-cpp's fork, e.g. "sparq-cpp 0.1.0 (llama.cpp 0c1e570)".
 // Answers only from our library: it is how tests prove the fork is the one loaded.
 LLAMA_API const char * llama_sparq_version(void);
+
+struct llama_sparq_params {
+    int32_t k;           // positions read exactly per query (top-k), >= 1; 0: chosen by compression
+    float   compression; // target fraction of dense attention's K/V reads, in (0, 1]; 0: fixed k
+    int32_t r;           // query components for the approximate scores, 1..head size; 0: default
+    int32_t l;           // local window kept in every selection, 0..k; -1: default (k/4)
+    int32_t realloc;     // mean reallocation (alpha mix with the mean of V): -1 model default, 0 off, 1 on
+    int32_t min_ctx;     // SparQ replaces dense attention from this cache length (n_kv) on; -1: default
+    int32_t layer_start; // first layer that may use SparQ
+    int32_t layer_end;   // one past the last layer that may use SparQ; -1: up to the last layer
+    bool    no_tau;      // ablation: scale the approximate scores by the dense scale instead of tau
+};
+
+enum llama_sparq_status {
+    LLAMA_SPARQ_OK              =   0,
+    LLAMA_SPARQ_DENSE           =   1, // accepted, but no layer of this model/cache can use SparQ: decoding stays dense
+    LLAMA_SPARQ_ERR_NULL        =  -1, // ctx is NULL
+    LLAMA_SPARQ_ERR_K           =  -2, // k < 0, or neither k nor compression given
+    LLAMA_SPARQ_ERR_COMPRESSION =  -3, // compression not in (0, 1], or too small for r
+    LLAMA_SPARQ_ERR_BOTH        =  -4, // both k and compression given
+    LLAMA_SPARQ_ERR_R           =  -5, // r < 0 or larger than the head size
+    LLAMA_SPARQ_ERR_L           =  -6, // l < -1, or l > k
+    LLAMA_SPARQ_ERR_REALLOC     =  -7, // realloc not in {-1, 0, 1}
+    LLAMA_SPARQ_ERR_MIN_CTX     =  -8, // min_ctx < -1
+    LLAMA_SPARQ_ERR_LAYERS      =  -9, // layer range empty or outside the model
+    LLAMA_SPARQ_ERR_V_TRANS     = -10, // the context stores V transposed (flash attention disabled)
+    LLAMA_SPARQ_ERR_ALLOC       = -11, // the K^T mirror could not be allocated
+};
+
+struct llama_sparq_stats {
+    int64_t n_tokens_sparq;   // tokens whose attention went through SparQ
+    int64_t n_tokens_dense;   // tokens decoded densely while SparQ was set (prefill, short context)
+    int32_t n_layers_sparq;   // attention layers that take SparQ
+    int32_t n_layers;         // attention layers of the model
+    double  bytes_attn_sparq; // estimated K/V bytes read by those layers' attention for the SparQ tokens
+    double  bytes_attn_dense; // what dense attention would have read for the same tokens and layers
+    int64_t extra_bytes;      // memory SparQ adds: the K^T mirror plus the running V sums
+};
+
+LLAMA_API struct llama_sparq_params llama_sparq_default_params(void);
+
+// Turn SparQ on (or change its settings) for decoding with ctx; params == NULL turns it off and
+// frees what it allocated. Returns LLAMA_SPARQ_OK, LLAMA_SPARQ_DENSE, or a negative error code
+// (nothing changed). Never aborts. Tokens already in the cache are taken into account.
+LLAMA_API int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_params * params);
+
+// 1 and *params filled when SparQ is set, 0 when it is off, LLAMA_SPARQ_ERR_NULL for NULL ctx.
+LLAMA_API int32_t llama_sparq_get(const struct llama_context * ctx, struct llama_sparq_params * params);
+
+LLAMA_API int32_t llama_sparq_stats_get(const struct llama_context * ctx, struct llama_sparq_stats * stats);
+LLAMA_API void    llama_sparq_stats_reset(struct llama_context * ctx);
+
+// Consistency check (tests): compares the K^T mirror with K over the used cells, and each
+// running V sum with a fresh fp32 sum over its cells. Returns the number of mirror elements that
+// differ (0 when consistent; the mirror is compared as it stands, so call it after a decode),
+// and sets *max_rel_err_v to the largest |sum - fresh| / (1 + |fresh|). -1 for a NULL ctx.
+LLAMA_API int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v);
+
+// A short description of a llama_sparq_status value.
+LLAMA_API const char * llama_sparq_strerror(int32_t status);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,36 @@
+// sparq-cpp: the hooks that upstream's KV cache and graph code call (see native/patches/0004).
+#pragma once
+
+#include "llama-graph.h"
+
+class llama_kv_cache;
+class llama_kv_cache_context;
+
+// K and/or V data of the cache changed outside a ubatch (K-shift, stream copy, state load,
+// clear): the K^T mirror / the running V sums are rebuilt before the next use.
+void llama_sparq_kv_invalidate(llama_kv_cache * kv, bool k_changed, bool v_changed);
+
+// The SparQ input of one graph, or nullptr when SparQ is off for this cache.
+llm_graph_input_sparq * llama_sparq_build_input(
+        ggml_context * ctx0,
+    llm_graph_result * res,
+  const llama_ubatch & ubatch,
+ const llama_cparams & cparams,
+ const llama_kv_cache_context * mctx);
+
+// Writes k_cur into the layer's K^T mirror, then returns the SparQ attention output
+// [n_embd_head_v*n_head, n_tokens], or nullptr when this layer/ubatch takes the dense path.
+ggml_tensor * llama_sparq_build_attn(
+        ggml_context * ctx0,
+         ggml_cgraph * gf,
+ llm_graph_input_sparq * inp,
+         ggml_tensor * q,
+         ggml_tensor * k,
+         ggml_tensor * v,
+         ggml_tensor * k_cur,
+         ggml_tensor * v_cur,
+         ggml_tensor * kq_mask,
+         ggml_tensor * kq_b,
+         ggml_tensor * sinks,
+               float   kq_scale,
+                 int   il);
