@@ -2,6 +2,7 @@
 
     sparq-cpp generate -m smollm2-135m -p "The capital of France is" -n 64
     sparq-cpp generate -m gemma3-270m --chat -p "Name three rivers in Europe."
+    sparq-cpp generate -m smollm2-135m -f essay.txt --sparq-compression 1/8 -n 128
     sparq-cpp info
 """
 
@@ -46,10 +47,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from sparq_cpp import Llama, model_path
 
     path = model_path(args.model)
+    sparq = {f"sparq_{a}": getattr(args, f"sparq_{a}") for a in ("k", "compression", "r", "l", "min_ctx")
+             if getattr(args, f"sparq_{a}") is not None}
+    if args.sparq_realloc is not None:
+        sparq["sparq_realloc"] = args.sparq_realloc == "on"
     llm = Llama(model_path=path, n_ctx=args.ctx_size, n_threads=args.threads,
-                n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=args.verbose)
+                n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=args.verbose,
+                flash_attn=args.flash_attn or bool(sparq), **sparq)
     sampling = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                     top_p=args.top_p, stream=True)
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            args.prompt = f.read()
     if args.chat:
         stream = llm.create_chat_completion(messages=[{"role": "user", "content": args.prompt}], **sampling)
         for chunk in stream:
@@ -62,7 +71,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(chunk["choices"][0]["text"])
             sys.stdout.flush()
     sys.stdout.write("\n")
+    if llm.sparq is not None:
+        st = llm.sparq_stats()
+        frac = f", attention reads {st['read_fraction']:.3f} of dense" if st["read_fraction"] else ""
+        print(f"[SparQ: {st['n_tokens_sparq']} tokens decoded with SparQ, {st['n_tokens_dense']} dense, "
+              f"{st['n_layers_sparq']}/{st['n_layers']} layers{frac}]", file=sys.stderr)
     return 0
+
+
+def _fraction(text: str) -> float:
+    """'1/8' or '0.125'."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-m", "--model", default="smollm2-135m",
                    help="named model (smollm2-135m, gemma3-270m) or path to a .gguf file")
     g.add_argument("-p", "--prompt", default="The capital of France is")
+    g.add_argument("-f", "--file", default=None, help="read the prompt from this file (as llama.cpp's -f)")
     g.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate")
     g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (n_ctx)")
     g.add_argument("-t", "--threads", type=int, default=None, help="threads (default: llama-cpp-python's)")
@@ -83,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("-s", "--seed", type=int, default=0xFFFFFFFF)
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    g.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention (on whenever SparQ is)")
+    s = g.add_argument_group("SparQ (none given: dense attention)")
+    s.add_argument("--sparq-k", type=int, default=None, help="positions read exactly per generated token")
+    s.add_argument("--sparq-compression", type=_fraction, default=None,
+                   help="target fraction of dense attention reads, e.g. 1/8 (instead of --sparq-k)")
+    s.add_argument("--sparq-r", type=int, default=None, help="query components for the approximate scores")
+    s.add_argument("--sparq-l", type=int, default=None, help="local window (default k/4)")
+    s.add_argument("--sparq-min-ctx", type=int, default=None, help="cache length from which SparQ is used")
+    s.add_argument("--sparq-realloc", choices=["on", "off"], default=None, help="mean reallocation")
     g.set_defaults(func=_cmd_generate)
 
     i = sub.add_parser("info", help="versions, library path, CPU features, GPU backend")

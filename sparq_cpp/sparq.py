@@ -24,7 +24,7 @@ class SparqParams:
     dense attention's K/V reads, which picks r and k from the head size and the context length).
     ``None`` means the default: r from the head size (k given: head size/8; compression c: c*head
     size), l = k/4, reallocation per model family (on for multi-head, off for grouped-query
-    models, as the paper found), min_ctx 1024, all layers.
+    models, as the paper found), min_ctx 512 (measured: SparQ 1/8 is already faster than dense there), all layers.
     """
 
     k: Optional[int] = None

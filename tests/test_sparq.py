@@ -110,7 +110,7 @@ def test_compression_one_eighth_tracks_dense(name, essay_text):
     toks = _tokens(llm, essay_text, 2256)
     prompt, cont = toks[:2000], toks[2000:]
     dense = _teacher_forced(llm, prompt, cont)
-    llm.set_sparq(compression=1 / 8)  # default min_ctx (1024) is below this context
+    llm.set_sparq(compression=1 / 8)  # the default min_ctx (512) is below this context
     llm.sparq_stats(reset=True)
     sparq = _teacher_forced(llm, prompt, cont)
     st = llm.sparq_stats()
@@ -142,9 +142,11 @@ def test_forced_dense_runs_no_sparq(essay_text):
     assert np.array_equal(out, dense)
 
 
-def _check(llm):
+def _check(llm_or_ctx):
+    """(mirror elements differing from K, largest relative error of a running V sum)"""
+    ctx = llm_or_ctx._ctx.ctx if isinstance(llm_or_ctx, Llama) else llm_or_ctx
     err = ffi.new("float *")
-    n_bad = lib.llama_sparq_check(ffi.cast("struct llama_context *", llm._ctx.ctx), err)
+    n_bad = lib.llama_sparq_check(ffi.cast("struct llama_context *", ctx), err)
     return n_bad, err[0]
 
 
@@ -295,3 +297,67 @@ def test_c_api_returns_error_codes():
     assert lib.llama_sparq_set(ctx, p) == 0
     assert lib.llama_sparq_get(ctx, ffi.NULL) == 1
     assert lib.llama_sparq_set(ctx, ffi.NULL) == 0
+
+
+def _raw_context(llm, n_seq, unified):
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx, p.n_batch, p.n_ubatch = 4096, 512, 512
+    p.n_seq_max, p.kv_unified = n_seq, unified
+    p.n_threads = p.n_threads_batch = 2
+    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, p)
+    assert ctx
+    return ctx
+
+
+def _decode(ctx, items, n_vocab):
+    """items: (token, pos, seq) with logits for every one; returns their logits."""
+    batch = llama_cpp.llama_batch_init(len(items), 0, 1)
+    try:
+        for i, (t, pos, s) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos, 1, True
+            batch.seq_id[i][0] = s
+        batch.n_tokens = len(items)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
+                for i in range(len(items))]
+    finally:
+        llama_cpp.llama_batch_free(batch)
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_two_sequences_in_one_batch_match_each_alone(unified, essay_text):
+    # one stream per sequence (unified=False, split_equal) and one shared stream (split_simple):
+    # each sequence has its own mask, V sum and selection, so decoding both in one batch gives
+    # what decoding each alone gives
+    llm = _llm("smollm2-135m")
+    toks = _tokens(llm, essay_text, 1400)
+    prompts = [toks[:700], toks[700:1300]]  # different lengths
+    n_vocab = llm.n_vocab()
+    params = SparqParams(compression=1 / 8, min_ctx=0, realloc=True)
+
+    def run(seqs_together):
+        ctx = _raw_context(llm, 2, unified)
+        try:
+            assert sparq_cpp.sparq.apply(ctx, params) == 0
+            for s, pr in enumerate(prompts):
+                for i in range(0, len(pr), 512):
+                    _decode(ctx, [(t, i + j, s) for j, t in enumerate(pr[i:i + 512])], n_vocab)
+            out = {0: [], 1: []}
+            nxt = {s: toks[1300 + 10 * s] for s in (0, 1)}
+            for step in range(6):
+                groups = [[0, 1]] if seqs_together else [[0], [1]]
+                for g in groups:
+                    logits = _decode(ctx, [(nxt[s], len(prompts[s]) + step, s) for s in g], n_vocab)
+                    for s, row in zip(g, logits):
+                        out[s].append(row)
+                        nxt[s] = int(row.argmax())
+            assert _check(ctx) == (0, pytest.approx(0, abs=1e-5))
+            assert sparq_cpp.sparq.stats(ctx)["n_tokens_sparq"] == 12
+            return out
+        finally:
+            llama_cpp.llama_free(ctx)
+
+    together, alone = run(True), run(False)
+    for s in (0, 1):
+        assert np.abs(np.array(together[s]) - np.array(alone[s])).max() < 1e-3

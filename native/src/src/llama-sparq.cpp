@@ -39,7 +39,7 @@
 #endif
 
 // Default cache length from which SparQ replaces dense attention (measured: README, "min_ctx").
-static constexpr int32_t SPARQ_DEFAULT_MIN_CTX = 1024;
+static constexpr int32_t SPARQ_DEFAULT_MIN_CTX = 512;
 
 const char * llama_sparq_version(void) {
     return "sparq-cpp " SPARQ_CPP_VERSION " (llama.cpp " SPARQ_UPSTREAM_COMMIT ")";
