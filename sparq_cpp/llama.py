@@ -85,7 +85,9 @@ class Llama(llama_cpp.Llama):
     @property
     def sparq(self) -> Optional[SparqParams]:
         """The current SparQ settings, or None when decoding is dense."""
-        return _sparq.get(self._ctx.ctx) if self._ctx.ctx is not None else None
+        if self._ctx.ctx is None or _sparq.get(self._ctx.ctx) is None:  # the library is the truth
+            return None
+        return self._sparq_params  # as given (the C struct holds the compression as float32)
 
     def sparq_stats(self, reset: bool = False) -> dict:
         """Counters: tokens decoded with SparQ and dense (while SparQ was set), layers using it,

@@ -361,3 +361,49 @@ def test_two_sequences_in_one_batch_match_each_alone(unified, essay_text):
     together, alone = run(True), run(False)
     for s in (0, 1):
         assert np.abs(np.array(together[s]) - np.array(alone[s])).max() < 1e-3
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_seq_cp_and_seq_keep_then_decode_equal_a_fresh_context(unified, essay_text):
+    # seq_cp is metadata only in one stream and a whole-stream copy across streams; seq_keep
+    # frees the other sequence's cells. Either way the copied sequence then decodes as the
+    # original would have in a fresh context.
+    llm = _llm("smollm2-135m")
+    toks = _tokens(llm, essay_text, 800)
+    n_vocab = llm.n_vocab()
+    params = SparqParams(compression=1 / 8, min_ctx=0, realloc=True)
+
+    def prefill(ctx, s, pr):
+        for i in range(0, len(pr), 512):
+            _decode(ctx, [(t, i + j, s) for j, t in enumerate(pr[i:i + 512])], n_vocab)
+
+    def gen(ctx, s, start, n=6):
+        out, t = [], toks[790]
+        for step in range(n):
+            row = _decode(ctx, [(t, start + step, s)], n_vocab)[0]
+            out.append(row)
+            t = int(row.argmax())
+        return np.array(out)
+
+    ctx = _raw_context(llm, 2, unified)
+    try:
+        assert sparq_cpp.sparq.apply(ctx, params) == 0
+        prefill(ctx, 0, toks[:700])
+        ref = gen(ctx, 0, 700)  # the reference continuation of seq 0, then undo it
+        mem = llama_cpp.llama_get_memory(ctx)
+        assert llama_cpp.llama_memory_seq_rm(mem, 0, 700, -1)
+        llama_cpp.llama_memory_seq_cp(mem, 0, 1, -1, -1)
+        llama_cpp.llama_memory_seq_keep(mem, 1)
+        got = gen(ctx, 1, 700)
+        assert _check(ctx) == (0, pytest.approx(0, abs=1e-5))
+    finally:
+        llama_cpp.llama_free(ctx)
+    assert np.abs(got - ref).max() < 1e-3
+
+
+def test_named_model_with_sparq_k_generates(essay_text):
+    llm = Llama(model_path=sparq_cpp.model_path("smollm2-135m"), n_ctx=8192, sparq_k=64, verbose=False)
+    out = llm.create_completion(essay_text[:6000] + "\n\nThe essay argues that", max_tokens=8, temperature=0.0)
+    assert out["choices"][0]["text"].strip()
+    st = llm.sparq_stats()
+    assert st["n_tokens_sparq"] == 7 and st["n_layers_sparq"] == 30  # the first token comes from prefill
