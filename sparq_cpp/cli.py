@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+from pathlib import Path
 import sys
 
 
@@ -79,6 +80,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sparq_cpp import bench
+
+    depths = [int(x) for x in args.depths.split(",")] if args.depths else (
+        [512, 1024, 2048, 4096, 8000] + ([16384, 32768] if args.model == "gemma3-270m" else []))
+    settings = args.settings.split(",")
+    for s in settings:
+        bench.parse_setting(s)  # ValueError before any work
+    out = args.output or str(bench.ROOT / "results" / f"bench_{Path(args.model).stem}")
+    bench.run(args.model, depths, settings, args.threads, args.n_gen, args.reps, out, plot=not args.no_plot)
+    return 0
+
+
 def _fraction(text: str) -> float:
     """'1/8' or '0.125'."""
     try:
@@ -119,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sparq-min-ctx", type=int, default=None, help="cache length from which SparQ is used")
     s.add_argument("--sparq-realloc", choices=["on", "off"], default=None, help="mean reallocation")
     g.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser("bench", help="decode speed, dense (flash attention off and on) against SparQ")
+    b.add_argument("-m", "--model", default="smollm2-135m")
+    b.add_argument("-d", "--depths", default=None,
+                   help="comma-separated cache depths (default 512,1024,2048,4096,8000; +16384,32768 on gemma3-270m)")
+    b.add_argument("-s", "--settings", default="1/4,1/8,1/16,k=64",
+                   help="comma-separated SparQ settings: compressions (1/8 or 0.125) and fixed k (k=64)")
+    b.add_argument("-t", "--threads", type=int, default=2)
+    b.add_argument("-n", "--n-gen", type=int, default=32, help="tokens decoded per run")
+    b.add_argument("-r", "--reps", type=int, default=5, help="runs per setting and depth (median)")
+    b.add_argument("-o", "--output", default=None, help="output prefix for .json and .png (default results/bench_<model>)")
+    b.add_argument("--no-plot", action="store_true")
+    b.set_defaults(func=_cmd_bench)
 
     i = sub.add_parser("info", help="versions, library path, CPU features, GPU backend")
     i.set_defaults(func=_cmd_info)

@@ -407,3 +407,31 @@ def test_named_model_with_sparq_k_generates(essay_text):
     assert out["choices"][0]["text"].strip()
     st = llm.sparq_stats()
     assert st["n_tokens_sparq"] == 7 and st["n_layers_sparq"] == 30  # the first token comes from prefill
+
+
+def test_backend_without_the_op_falls_back_to_dense_with_one_warning(tmp_path):
+    # GGML_SPARQ_FORCE_UNSUPPORTED makes the CPU backend answer supports_op = false for the op,
+    # as Metal or Vulkan (no SparQ kernel) would: SparQ is refused per layer, decoding stays
+    # dense and equal to dense, with one warning and no abort.
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import warnings, numpy as np
+from sparq_cpp import Llama
+prompt = "The capital of Germany is Berlin. " * 120
+dense = Llama("smollm2-135m", n_ctx=2048, flash_attn=True, verbose=False)
+a = dense.create_completion(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    llm = Llama("smollm2-135m", n_ctx=2048, sparq_k=16, sparq_min_ctx=0, verbose=False)
+b = llm.create_completion(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+print("WARNINGS", sum(issubclass(x.category, RuntimeWarning) for x in w))
+print("SAME", a == b, "SPARQ_TOKENS", llm.sparq_stats()["n_tokens_sparq"], "SET", llm.sparq)
+"""
+    env = dict(os.environ, GGML_SPARQ_FORCE_UNSUPPORTED="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "WARNINGS 1" in r.stdout and "SAME True SPARQ_TOKENS 0 SET None" in r.stdout, r.stdout
+    assert "has no SparQ kernel" in r.stderr  # the library's one log line says why

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <numeric>
@@ -729,6 +730,11 @@ size_t ggml_sparq_attn_work_size(const struct ggml_tensor * node, int n_tasks) {
 }
 
 bool ggml_sparq_attn_supported(const struct ggml_tensor * op) {
+    // testing: make the CPU backend report no SparQ kernel, as a backend without one would
+    static const bool force_unsupported = getenv("GGML_SPARQ_FORCE_UNSUPPORTED") != nullptr;
+    if (force_unsupported) {
+        return false;
+    }
     const ggml_tensor * q = op->src[0], * k = op->src[1], * v = op->src[2], * mask = op->src[3], * kt = op->src[4];
     auto ok_kv = [](const ggml_tensor * t) {
         return (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_F32) && t->nb[0] == ggml_type_size(t->type);

@@ -1,0 +1,202 @@
+"""``sparq-cpp bench``: decode speed, dense against SparQ, side by side in one run.
+
+For each depth the essays are prefilled once in each of two contexts of the same model and
+library: one with flash attention off (V transposed, llama-cpp-python's default) and one with it
+on (SparQ's context). Then, for every repetition, each setting decodes N tokens one at a time
+from the same cache state (the generated cells are removed after each run), the settings in a
+rotating order so that drifts of a shared machine hit them alike. Dense is the better of the
+two dense paths at each depth. Reported: medians, the spread (min..max), and the ratio of
+medians against the best dense.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from ._lib import llama_cpp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_setting(text: str) -> Tuple[str, Optional[dict]]:
+    """'dense', '1/8' (compression), '0.125', 'k=64' -> (label, set_sparq kwargs or None)."""
+    t = text.strip()
+    if t == "dense":
+        return "dense", None
+    if t.startswith("k="):
+        return f"k={int(t[2:])}", {"k": int(t[2:])}
+    if "/" in t:
+        num, den = t.split("/", 1)
+        c = float(num) / float(den)
+    else:
+        c = float(t)
+    if not 0 < c <= 1:
+        raise ValueError(f"compression must be in (0, 1], got {text!r}")
+    return t, {"compression": c}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class _Ctx:
+    """A context of the model with its prefilled depth, decoded through the C API."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.ctx = llm._ctx.ctx
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.depth = 0
+
+    def prefill(self, tokens: List[int]) -> None:
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        self.llm.eval(tokens)
+        self.depth = len(tokens)
+
+    def decode(self, tokens: List[int]) -> float:
+        """tokens/s decoding these one at a time after the prefill; the cache is restored after."""
+        one = (llama_cpp.llama_token * 1)()
+        t0 = time.perf_counter()
+        for t in tokens:
+            one[0] = t
+            if llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
+                raise RuntimeError("llama_decode failed")
+        llama_cpp.llama_synchronize(self.ctx)
+        dt = time.perf_counter() - t0
+        llama_cpp.llama_memory_seq_rm(self.mem, 0, self.depth, -1)
+        return len(tokens) / dt
+
+
+def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen: int, reps: int,
+        out: Optional[str], plot: bool = True, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from .llama import Llama
+    from .models import essays_dir
+
+    parsed = [parse_setting(s) for s in settings]
+    if ("dense", None) not in parsed:
+        parsed.insert(0, ("dense", None))
+    text = "\n\n".join(p.read_text() for p in sorted(essays_dir().glob("*.txt")))
+    n_ctx = max(depths) + n_gen + 64
+    common = dict(n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+                  verbose=False)
+    fa_off = _Ctx(Llama(model, **common))
+    fa_on = _Ctx(Llama(model, flash_attn=True, **common))
+    toks = fa_on.llm.tokenize(text.encode())
+    if len(toks) < max(depths) + n_gen:
+        raise ValueError(f"the essays give {len(toks)} tokens, fewer than depth {max(depths)} + {n_gen}")
+
+    # (label, context, sparq kwargs); dense appears twice: flash attention off and on
+    runs = [("dense FA off", fa_off, None), ("dense FA on", fa_on, None)]
+    runs += [(f"SparQ {lab}", fa_on, kw) for lab, kw in parsed if kw is not None]
+
+    rows = []
+    bar = tqdm(total=len(depths) * reps * len(runs), desc=f"bench {model}", file=sys.stderr, disable=not progress)
+    for depth in depths:
+        bar.set_postfix_str(f"depth {depth}: prefill")
+        fa_off.prefill(toks[:depth])
+        fa_on.prefill(toks[:depth])
+        gen = toks[depth:depth + n_gen]
+        times = {lab: [] for lab, _, _ in runs}
+        sparq_tok = {}
+        for rep in range(reps):
+            order = runs[rep % len(runs):] + runs[:rep % len(runs)]
+            for lab, c, kw in order:
+                bar.set_postfix_str(f"depth {depth}: {lab}")
+                if c is fa_on:
+                    c.llm.set_sparq(**kw) if kw else c.llm.set_sparq(None)
+                c.decode(gen[:1])  # warm-up: re-reserve after a settings change, mirror rebuild
+                c.llm.sparq_stats(reset=True)
+                times[lab].append(c.decode(gen))
+                if kw:  # below min_ctx SparQ falls back to dense: say so in the table
+                    sparq_tok[lab] = c.llm.sparq_stats()["n_tokens_sparq"] / len(gen)
+                bar.update(1)
+        med = {lab: statistics.median(v) for lab, v in times.items()}
+        best = max(med["dense FA off"], med["dense FA on"])
+        for lab, _, kw in runs:
+            rows.append({"depth": depth, "setting": lab, "tokens_per_s": med[lab],
+                         "min": min(times[lab]), "max": max(times[lab]), "runs": times[lab],
+                         "x_best_dense": med[lab] / best, "sparq": kw,
+                         "sparq_token_fraction": sparq_tok.get(lab)})
+    bar.close()
+    fa_on.llm.set_sparq(None)
+
+    result = {
+        "command": "sparq-cpp bench " + " ".join(sys.argv[2:]) if Path(sys.argv[0]).name == "sparq-cpp"
+        else " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "commit": _commit(), "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(),
+                                         "system": platform.platform()},
+        "model": model, "threads": threads, "n_gen": n_gen, "reps": reps, "depths": depths,
+        "settings": [lab for lab, _, _ in runs], "rows": rows,
+    }
+    print(table(result))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out + ".json").write_text(json.dumps(result, indent=1))
+        if plot:
+            _plot(result, out + ".png")
+        print(f"wrote {out}.json" + (f" and {out}.png" if plot else ""), file=sys.stderr)
+    return result
+
+
+def table(result: dict) -> str:
+    lines = [f"model {result['model']}, {result['threads']} threads, {result['n_gen']} tokens x "
+             f"{result['reps']} runs per setting (median, min..max), commit {result['commit']}", "",
+             "| depth | setting | t/s | min..max | x best dense |", "|---:|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        note = " (dense fallback)" if r.get("sparq_token_fraction") == 0 else ""
+        lines.append(f"| {r['depth']} | {r['setting']}{note} | {r['tokens_per_s']:.1f} | "
+                     f"{r['min']:.1f}..{r['max']:.1f} | {r['x_best_dense']:.2f} |")
+    return "\n".join(lines)
+
+
+def _plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for lab in result["settings"]:
+        rs = [r for r in result["rows"] if r["setting"] == lab]
+        d = [r["depth"] for r in rs]
+        style = "--" if lab.startswith("dense") else "-"
+        a1.plot(d, [r["tokens_per_s"] for r in rs], style, marker="o", label=lab)
+        if not lab.startswith("dense"):
+            a2.plot(d, [r["x_best_dense"] for r in rs], marker="o", label=lab)
+    a2.axhline(1.0, color="gray", lw=0.8)
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("depth (tokens in the cache)")
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
+    a1.set_ylabel("tokens/s")
+    a2.set_ylabel("x best dense")
+    fig.suptitle(f"{result['model']}, {result['threads']} threads ({result['machine']['cpu']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
