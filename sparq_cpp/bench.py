@@ -181,13 +181,14 @@ def _plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = dict(zip(result["settings"], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     for lab in result["settings"]:
         rs = [r for r in result["rows"] if r["setting"] == lab]
         d = [r["depth"] for r in rs]
         style = "--" if lab.startswith("dense") else "-"
-        a1.plot(d, [r["tokens_per_s"] for r in rs], style, marker="o", label=lab)
+        a1.plot(d, [r["tokens_per_s"] for r in rs], style, marker="o", label=lab, color=colors[lab])
         if not lab.startswith("dense"):
-            a2.plot(d, [r["x_best_dense"] for r in rs], marker="o", label=lab)
+            a2.plot(d, [r["x_best_dense"] for r in rs], marker="o", label=lab, color=colors[lab])
     a2.axhline(1.0, color="gray", lw=0.8)
     for a in (a1, a2):
         a.set_xscale("log", base=2)
