@@ -12,8 +12,12 @@ from ._lib import SPARQ_DENSE, SPARQ_OK, ffi, lib
 SPARQ_ARGS = ("k", "compression", "r", "l", "realloc", "min_ctx", "layers", "no_tau")
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An int (not a bool) that fits the C API's int32_t."""
+    return isinstance(x, int) and not isinstance(x, bool) and -_INT32_MAX - 1 <= x <= _INT32_MAX
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class SparqParams:
     def __post_init__(self):
         p = "sparq_"
         if self.k is not None and (not _is_int(self.k) or self.k < 1):
-            raise ValueError(f"{p}k must be an integer >= 1, got {self.k!r}")
+            raise ValueError(f"{p}k must be an integer in 1..2**31-1, got {self.k!r}")
         if self.compression is not None:
             c = self.compression
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or not 0 < c <= 1:
@@ -58,7 +62,7 @@ class SparqParams:
         if self.realloc is not None and not isinstance(self.realloc, bool):
             raise ValueError(f"{p}realloc must be True, False or None, got {self.realloc!r}")
         if self.min_ctx is not None and (not _is_int(self.min_ctx) or self.min_ctx < 0):
-            raise ValueError(f"{p}min_ctx must be an integer >= 0, got {self.min_ctx!r}")
+            raise ValueError(f"{p}min_ctx must be an integer in 0..2**31-1, got {self.min_ctx!r}")
         if self.layers is not None:
             lay = self.layers
             if isinstance(lay, range):
