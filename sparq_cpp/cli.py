@@ -88,7 +88,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     settings = args.settings.split(",")
     for s in settings:
         bench.parse_setting(s)  # ValueError before any work
-    out = args.output or str(bench.ROOT / "results" / f"bench_{Path(args.model).stem}")
+    out = args.output or f"results/bench_{Path(args.model).stem}"  # relative to the working directory
     bench.run(args.model, depths, settings, args.threads, args.n_gen, args.reps, out, plot=not args.no_plot)
     return 0
 
