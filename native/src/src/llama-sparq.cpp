@@ -492,6 +492,25 @@ void llama_sparq_stats_reset(struct llama_context * ctx) {
     }
 }
 
+// row `offs` (bytes) of a V cache tensor, as fp32 in `row`
+static void sparq_v_row_f32(const ggml_tensor * v, size_t offs, std::vector<uint8_t> & raw, std::vector<float> & row) {
+    const int64_t n = v->ne[0];
+    const void * src;
+    if (ggml_backend_buffer_is_host(v->buffer)) {
+        src = (const char *) v->data + offs;
+    } else {
+        raw.resize(v->nb[1]);
+        ggml_backend_tensor_get(v, raw.data(), offs, v->nb[1]);
+        src = raw.data();
+    }
+    row.resize(n);
+    if (v->type == GGML_TYPE_F32) {
+        memcpy(row.data(), src, n*sizeof(float));
+    } else {
+        ggml_get_type_traits(v->type)->to_float(src, row.data(), n);
+    }
+}
+
 int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v) {
     if (ctx == nullptr) {
         return -1;
@@ -550,14 +569,7 @@ int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_
                     continue;
                 }
                 ggml_tensor * v = A::v(*kv, ikv);
-                vbuf.resize(v->nb[1]);
-                row.resize(v->ne[0]);
-                ggml_backend_tensor_get(v, vbuf.data(), ((size_t) strm*kv_size + c)*v->nb[1], v->nb[1]);
-                if (v->type == GGML_TYPE_F32) {
-                    memcpy(row.data(), vbuf.data(), v->ne[0]*sizeof(float));
-                } else {
-                    ggml_get_type_traits(v->type)->to_float(vbuf.data(), row.data(), v->ne[0]);
-                }
+                sparq_v_row_f32(v, ((size_t) strm*kv_size + c)*v->nb[1], vbuf, row);
                 for (int64_t j = 0; j < v->ne[0]; ++j) {
                     fresh[st.vsum_off[ikv] + j] += row[j];
                 }
@@ -688,24 +700,9 @@ void llm_graph_input_sparq::add_row(const llama_kv_cache & kv, uint32_t strm, ui
             continue;
         }
         ggml_tensor * v = A::v(kv, ikv);
-        const int64_t n = v->ne[0];
-        const size_t offs = ((size_t) strm*kv_size + cell)*v->nb[1];
-        const void * src;
-        if (ggml_backend_buffer_is_host(v->buffer)) {
-            src = (const char *) v->data + offs;
-        } else {
-            raw.resize(v->nb[1]);
-            ggml_backend_tensor_get(v, raw.data(), offs, v->nb[1]);
-            src = raw.data();
-        }
-        row.resize(n);
-        if (v->type == GGML_TYPE_F32) {
-            memcpy(row.data(), src, n*sizeof(float));
-        } else {
-            ggml_get_type_traits(v->type)->to_float(src, row.data(), n);
-        }
+        sparq_v_row_f32(v, ((size_t) strm*kv_size + cell)*v->nb[1], raw, row);
         float * dst = sum + st->vsum_off[ikv];
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = 0; j < v->ne[0]; ++j) {
             dst[j] += sign*row[j];
         }
     }
