@@ -24,13 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "build" / "native" / "bin" / "bench-sparq-op"
 
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
+sys.path.insert(0, str(ROOT))
+from sparq_cpp.bench import git_commit  # noqa: E402
 
 
 def main(argv=None) -> int:

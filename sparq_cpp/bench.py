@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ._lib import llama_cpp
+from .sparq import SparqParams, parse_fraction
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,11 +34,7 @@ def parse_setting(text: str) -> Tuple[str, Optional[dict]]:
         return "dense", None
     if t.startswith("k="):
         return f"k={int(t[2:])}", {"k": int(t[2:])}
-    if "/" in t:
-        num, den = t.split("/", 1)
-        c = float(num) / float(den)
-    else:
-        c = float(t)
+    c = parse_fraction(t)
     if not 0 < c <= 1:
         raise ValueError(f"compression must be in (0, 1], got {text!r}")
     return t, {"compression": c}
@@ -53,12 +50,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """Short commit of the source tree, or "unknown" (an installed package has none)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return "unknown"
 
 
 class _Ctx:
@@ -128,7 +126,7 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
             for lab, c, kw in order:
                 bar.set_postfix_str(f"depth {depth}: {lab}")
                 if c is fa_on:
-                    c.llm.set_sparq(**kw) if kw else c.llm.set_sparq(None)
+                    c.llm.set_sparq(SparqParams(**kw) if kw else None)
                 c.decode(gen[:1])  # warm-up: re-reserve after a settings change, mirror rebuild
                 c.llm.sparq_stats(reset=True)
                 times[lab].append(c.decode(gen))
@@ -148,7 +146,7 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
     result = {
         "command": "sparq-cpp bench " + " ".join(sys.argv[2:]) if Path(sys.argv[0]).name == "sparq-cpp"
         else " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "commit": _commit(), "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(),
+        "commit": git_commit(), "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(),
                                          "system": platform.platform()},
         "model": model, "threads": threads, "n_gen": n_gen, "reps": reps, "depths": depths,
         "settings": [lab for lab, _, _ in runs], "rows": rows,

@@ -94,14 +94,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _fraction(text: str) -> float:
-    """'1/8' or '0.125'."""
+    from sparq_cpp.sparq import parse_fraction
+
     try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
+        return parse_fraction(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,7 +85,7 @@ class Llama(llama_cpp.Llama):
     @property
     def sparq(self) -> Optional[SparqParams]:
         """The current SparQ settings, or None when decoding is dense."""
-        if self._ctx.ctx is None or _sparq.get(self._ctx.ctx) is None:  # the library is the truth
+        if self._ctx.ctx is None or not _sparq.is_set(self._ctx.ctx):  # the library is the truth
             return None
         return self._sparq_params  # as given (the C struct holds the compression as float32)
 

@@ -15,6 +15,17 @@ SPARQ_ARGS = ("k", "compression", "r", "l", "realloc", "min_ctx", "layers", "no_
 _INT32_MAX = 2**31 - 1
 
 
+def parse_fraction(text: str) -> float:
+    """'1/8' or '0.125' -> float; ValueError otherwise."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"not a fraction: {text!r}") from None
+
+
 def _is_int(x) -> bool:
     """An int (not a bool) that fits the C API's int32_t."""
     return isinstance(x, int) and not isinstance(x, bool) and -_INT32_MAX - 1 <= x <= _INT32_MAX
@@ -117,16 +128,6 @@ class SparqParams:
         p.no_tau = self.no_tau
         return p
 
-    @classmethod
-    def from_c(cls, p) -> "SparqParams":
-        return cls(k=p.k or None, compression=float(p.compression) if p.k == 0 else None,
-                   r=p.r or None, l=None if p.l < 0 else p.l,
-                   realloc=None if p.realloc < 0 else bool(p.realloc),
-                   min_ctx=None if p.min_ctx < 0 else p.min_ctx,
-                   layers=None if (p.layer_start == 0 and p.layer_end == -1) else
-                   (p.layer_start, None if p.layer_end == -1 else p.layer_end),
-                   no_tau=bool(p.no_tau))
-
 
 # C status -> the Python argument it is about
 _STATUS_ARG = {-2: "sparq_k", -3: "sparq_compression", -4: "sparq_k", -5: "sparq_r", -6: "sparq_l",
@@ -145,10 +146,9 @@ def apply(ctx_ptr, params: Optional[SparqParams]) -> int:
     return rc
 
 
-def get(ctx_ptr) -> Optional[SparqParams]:
-    p = ffi.new("struct llama_sparq_params *")
-    rc = lib.llama_sparq_get(ffi.cast("struct llama_context *", ctx_ptr), p)
-    return SparqParams.from_c(p) if rc == 1 else None
+def is_set(ctx_ptr) -> bool:
+    """Whether SparQ is set on the context (the library's answer)."""
+    return lib.llama_sparq_get(ffi.cast("struct llama_context *", ctx_ptr), ffi.NULL) == 1
 
 
 def stats(ctx_ptr) -> dict:

@@ -95,7 +95,6 @@ struct llama_sparq_kv {
 struct llama_sparq_access {
     static const llama_hparams & hparams(const llama_kv_cache & kv) { return kv.hparams; }
     static bool v_trans(const llama_kv_cache & kv) { return kv.v_trans; }
-    static uint32_t n_stream(const llama_kv_cache & kv) { return kv.n_stream; }
     static size_t n_layers(const llama_kv_cache & kv) { return kv.layers.size(); }
     static uint32_t il(const llama_kv_cache & kv, size_t ikv) { return kv.layers[ikv].il; }
     static ggml_tensor * k(const llama_kv_cache & kv, size_t ikv) { return kv.layers[ikv].k; }
@@ -105,8 +104,6 @@ struct llama_sparq_access {
         return it == kv.map_layer_ids.end() ? -1 : it->second;
     }
     static const llama_kv_cells & cells(const llama_kv_cache & kv, uint32_t strm) { return kv.v_cells[strm]; }
-    static uint32_t stream_of(const llama_kv_cache & kv, llama_seq_id s) { return kv.seq_to_stream[s]; }
-    static size_t n_seq(const llama_kv_cache & kv) { return kv.seq_to_stream.size(); }
     static bool shares_cells(const llama_kv_cache & kv) { return kv.other != nullptr; }
 
     static llama_kv_cache * kv(const llama_kv_cache_context * mctx) { return mctx->kv; }
@@ -539,7 +536,7 @@ int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_
         tbuf.resize(ggml_nbytes(kt));
         ggml_backend_tensor_get(k, kbuf.data(), 0, kbuf.size());
         ggml_backend_tensor_get(kt, tbuf.data(), 0, tbuf.size());
-        for (uint32_t s = 0; s < A::n_stream(*kv); ++s) {
+        for (uint32_t s = 0; s < kv->get_n_stream(); ++s) {
             const auto & cells = A::cells(*kv, s);
             for (uint32_t c = 0; c < cells.used_max_p1(); ++c) {
                 if (cells.is_empty(c)) {
@@ -558,7 +555,7 @@ int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_
         if (st.in_sum[q].empty()) {
             continue;
         }
-        const uint32_t strm = A::stream_of(*kv, q);
+        const uint32_t strm = kv->get_stream(q);
         std::vector<double> fresh(st.vsum_size, 0.0);
         for (uint32_t c = 0; c < kv_size; ++c) {
             if (!st.in_sum[q][c]) {
@@ -720,7 +717,7 @@ void llm_graph_input_sparq::rebuild_mirror(const llama_kv_cache & kv) {
         ggml_tensor * k = A::k(kv, ikv);
         const size_t ts = ggml_type_size(k->type);
         const int64_t n_embd = k->ne[0];
-        for (uint32_t s = 0; s < A::n_stream(kv); ++s) {
+        for (uint32_t s = 0; s < kv.get_n_stream(); ++s) {
             const uint32_t n = A::cells(kv, s).used_max_p1();
             if (n == 0) {
                 continue;
@@ -774,7 +771,7 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
             st->reset_sums();
             st->v_dirty = false;
         }
-        const size_t n_seq = A::n_seq(kv);
+        const size_t n_seq = kv.get_n_seq_max(); // batches are validated against it
         if (st->vsum.size() != n_seq) {
             st->in_sum.assign(n_seq, {});
             st->vsum.assign(n_seq, {});
@@ -783,14 +780,14 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
         }
 
         // the cells this ubatch writes, per stream; any sum holding them lets go first
-        std::vector<std::vector<uint8_t>> written(A::n_stream(kv));
+        std::vector<std::vector<uint8_t>> written(kv.get_n_stream());
         for (uint32_t s = 0; s < sinfo.n_stream(); ++s) {
             const uint32_t strm = sinfo.strm[s];
             written[strm].assign(kv_size, 0);
             for (uint32_t cell : sinfo.idxs[s]) {
                 written[strm][cell] = 1;
                 for (size_t q = 0; q < n_seq; ++q) {
-                    if (!st->in_sum[q].empty() && A::stream_of(kv, q) == strm && st->in_sum[q][cell]) {
+                    if (!st->in_sum[q].empty() && kv.get_stream(q) == strm && st->in_sum[q][cell]) {
                         add_row(kv, strm, cell, q, -1.0f);
                         st->in_sum[q][cell] = 0;
                     }
@@ -805,7 +802,7 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
             for (uint32_t i = 0; i < ubatch->n_tokens; ++i) {
                 const llama_seq_id q = ubatch->seq_id[i][0];
                 const llama_pos    p = ubatch->pos[i];
-                const uint32_t strm = A::stream_of(kv, q);
+                const uint32_t strm = kv.get_stream(q);
                 const auto & cells = A::cells(kv, strm);
                 if (st->in_sum[q].empty()) {
                     st->in_sum[q].assign(kv_size, 0);
