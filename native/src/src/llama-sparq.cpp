@@ -68,7 +68,8 @@ struct llama_sparq_kv {
     bool v_dirty = true;             // V sums must be rebuilt
 
     std::vector<std::vector<uint8_t>> in_sum; // [seq][cell]: the cell's V row is in the seq's sum
-    std::vector<std::vector<float>>   vsum;   // [seq][vsum_size]
+    std::vector<std::vector<double>>  vsum;   // [seq][vsum_size], fp64: a running fp32 sum drifts
+                                             // (2e-4 relative after 8k near-constant rows)
     std::vector<int64_t>              count;  // [seq]: cells in the sum
     std::vector<uint32_t>             hi;     // [seq]: cells >= hi are not in the sum
 
@@ -467,7 +468,7 @@ int32_t llama_sparq_stats_get(const struct llama_context * ctx, struct llama_spa
             extra += ggml_backend_buffer_get_size(buf.get());
         }
         for (const auto & s : st.vsum) {
-            extra += s.size()*sizeof(float);
+            extra += s.size()*sizeof(double);
         }
         for (const auto & f : st.in_sum) {
             extra += f.size();
@@ -573,7 +574,8 @@ int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_
             }
         }
         for (size_t j = 0; j < st.vsum_size; ++j) {
-            max_err = std::max(max_err, (float) (std::fabs(st.vsum[q][j] - fresh[j])/(1.0 + std::fabs(fresh[j]))));
+            const double fed = (float) st.vsum[q][j];  // what the op gets
+            max_err = std::max(max_err, (float) (std::fabs(fed - fresh[j])/(1.0 + std::fabs(fresh[j]))));
         }
     }
     if (max_rel_err_v != nullptr) {
@@ -691,14 +693,14 @@ void llm_graph_input_sparq::add_row(const llama_kv_cache & kv, uint32_t strm, ui
     const uint32_t kv_size = kv.get_size();
     std::vector<float> row;
     std::vector<uint8_t> raw;
-    float * sum = st->vsum[s].data();
+    double * sum = st->vsum[s].data();
     for (size_t ikv = 0; ikv < st->kt.size(); ++ikv) {
         if (st->kt[ikv] == nullptr) {
             continue;
         }
         ggml_tensor * v = A::v(kv, ikv);
         sparq_v_row_f32(v, ((size_t) strm*kv_size + cell)*v->nb[1], raw, row);
-        float * dst = sum + st->vsum_off[ikv];
+        double * dst = sum + st->vsum_off[ikv];
         for (int64_t j = 0; j < v->ne[0]; ++j) {
             dst[j] += sign*row[j];
         }
@@ -806,7 +808,7 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
                 const auto & cells = A::cells(kv, strm);
                 if (st->in_sum[q].empty()) {
                     st->in_sum[q].assign(kv_size, 0);
-                    st->vsum[q].assign(st->vsum_size, 0.0f);
+                    st->vsum[q].assign(st->vsum_size, 0.0);
                 }
                 auto & flags = st->in_sum[q];
                 const auto & wr = written[strm];
@@ -819,7 +821,7 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
                     }
                 }
                 st->hi[q] = hi;
-                memcpy(vs + (size_t) i*st->vsum_size, st->vsum[q].data(), st->vsum_size*sizeof(float));
+                std::copy(st->vsum[q].begin(), st->vsum[q].end(), vs + (size_t) i*st->vsum_size);  // fp64 -> fp32
                 ic[i] = 1.0f/(float) (st->count[q] + 1);
                 n_vis[i] = st->count[q] + 1;
             }
