@@ -3,6 +3,7 @@
     sparq-cpp generate -m smollm2-135m -p "The capital of France is" -n 64
     sparq-cpp generate -m gemma3-270m --chat -p "Name three rivers in Europe."
     sparq-cpp generate -m smollm2-135m -f essay.txt --sparq-compression 1/8 -n 128
+    sparq-cpp serve --model smollm2-135m --sparq_compression 1/8   (python -m sparq_cpp.server)
     sparq-cpp info
 """
 
@@ -93,6 +94,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(argv) -> int:
+    from sparq_cpp import server
+
+    return server.main(argv)
+
+
 def _fraction(text: str) -> float:
     from sparq_cpp.sparq import parse_fraction
 
@@ -145,12 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-plot", action="store_true")
     b.set_defaults(func=_cmd_bench)
 
+    sv = sub.add_parser("serve", add_help=False,
+                        help="OpenAI-compatible server (llama-cpp-python's) with SparQ; "
+                             "`sparq-cpp serve --help` lists its flags")
+    sv.set_defaults(func=_cmd_serve)  # main() hands everything after `serve` to the server's parser
+
     i = sub.add_parser("info", help="versions, library path, CPU features, GPU backend")
     i.set_defaults(func=_cmd_info)
     return ap
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the server has its own (generated) flags
+        return _cmd_serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
