@@ -4,6 +4,7 @@
 #   make test      .venv + build (with the op tests), then pytest
 #   make build     (re)build the native library into sparq_cpp/lib (incremental)
 #   make bench-op  the SparQ op benchmark against dense attention (scripts/bench_op.py)
+#   make sanitize  AddressSanitizer + UBSan build (build/sanitize), then the op and cache tests on it
 #   make clean     remove the build folder and the staged libraries (keeps .venv and caches)
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ UP_PKG := $(call upstream,SPARQ_UPSTREAM_PACKAGE)
 UP_VER := $(call upstream,SPARQ_UPSTREAM_VERSION)
 UP_SHA := $(call upstream,SPARQ_UPSTREAM_SHA256)
 
-.PHONY: setup build demo test bench-op clean
+.PHONY: setup build demo test bench-op sanitize clean
 
 # The virtual environment: re-created when missing or broken, refreshed when the pinned
 # requirements change. llama-cpp-python is installed from the same pinned source tarball as our
@@ -48,6 +49,21 @@ test: build
 
 bench-op: build
 	$(VPY) scripts/bench_op.py
+
+# The op tests (C++) and the SparQ cache, batch and fuzz tests (pytest, with the sanitized
+# libraries loaded into Python through LD_PRELOAD of the ASan runtime; leak reports off, as
+# CPython itself does not free everything at exit). The long 4096+4096-token run is left out.
+SAN_DIR := build/sanitize
+SAN_ENV := ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
+           LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)"
+sanitize: $(STAMP)
+	cmake -S . -B $(SAN_DIR) -G Ninja -DSPARQ_SANITIZE=ON -DSPARQ_BUILD_TESTS=ON \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPython3_EXECUTABLE=$(abspath $(VPY))
+	cmake --build $(SAN_DIR) -j $(JOBS)
+	ASAN_OPTIONS=detect_leaks=0 $(SAN_DIR)/bin/test-sparq-op
+	ASAN_OPTIONS=detect_leaks=0 $(SAN_DIR)/bin/test-backend-ops -b CPU -o SPARQ_ATTN
+	$(SAN_ENV) SPARQ_CPP_LIB_DIR=$(SAN_DIR)/lib $(VPY) -m pytest tests/test_sparq.py tests/test_robustness.py \
+	  tests/test_sparq_fuzz.py -k "not long_generation"
 
 clean:
 	rm -rf build sparq_cpp/lib

@@ -3,6 +3,7 @@
     sparq-cpp generate -m smollm2-135m -p "The capital of France is" -n 64
     sparq-cpp generate -m gemma3-270m --chat -p "Name three rivers in Europe."
     sparq-cpp generate -m smollm2-135m -f essay.txt --sparq-compression 1/8 -n 128
+    sparq-cpp eval -m smollm2-135m,gemma3-270m     (accuracy against dense)
     sparq-cpp serve --model smollm2-135m --sparq_compression 1/8   (python -m sparq_cpp.server)
     sparq-cpp info
 """
@@ -100,6 +101,26 @@ def _cmd_serve(argv) -> int:
     return server.main(argv)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from sparq_cpp import eval as ev
+
+    models = args.model.split(",")
+
+    def per_model(text, default):
+        if text:
+            return {m: [int(x) for x in text.split(",")] for m in models}
+        return {m: default + ([16384] if m == "gemma3-270m" else []) for m in models}
+
+    parts = args.parts.split(",")
+    bad = set(parts) - {"tf", "needle", "repeat"}
+    if bad:
+        raise ValueError(f"unknown --parts {', '.join(sorted(bad))} (tf, needle, repeat)")
+    out = args.output or f"results/eval_{'_'.join(Path(m).stem for m in models)}"
+    ev.run(models, per_model(args.contexts, [2048, 4096, 8192]), per_model(args.needle_contexts, [2048, 4096, 8192]),
+           args.n_tokens, args.threads, out, parts=parts)
+    return 0
+
+
 def _fraction(text: str) -> float:
     from sparq_cpp.sparq import parse_fraction
 
@@ -151,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", default=None, help="output prefix for .json and .png (default results/bench_<model>)")
     b.add_argument("--no-plot", action="store_true")
     b.set_defaults(func=_cmd_bench)
+
+    e = sub.add_parser("eval", help="accuracy against dense: teacher forcing, needle, repetition, window baseline")
+    e.add_argument("-m", "--model", default="smollm2-135m,gemma3-270m", help="comma-separated models")
+    e.add_argument("-c", "--contexts", default=None,
+                   help="teacher-forcing contexts (default 2048,4096,8192; +16384 on gemma3-270m)")
+    e.add_argument("--needle-contexts", default=None,
+                   help="needle and repetition contexts (default 2048,4096,8192; +16384 on gemma3-270m)")
+    e.add_argument("-n", "--n-tokens", type=int, default=128, help="teacher-forced tokens per context")
+    e.add_argument("-t", "--threads", type=int, default=2)
+    e.add_argument("--parts", default="tf,needle,repeat", help="which evaluations: tf,needle,repeat")
+    e.add_argument("-o", "--output", default=None, help="output prefix for .json and .png (default results/eval_<models>)")
+    e.set_defaults(func=_cmd_eval)
 
     sv = sub.add_parser("serve", add_help=False,
                         help="OpenAI-compatible server (llama-cpp-python's) with SparQ; "
