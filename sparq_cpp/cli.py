@@ -106,17 +106,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     models = args.model.split(",")
 
-    def per_model(text, default):
+    def per_model(text, default, gemma_extra=()):
         if text:
             return {m: [int(x) for x in text.split(",")] for m in models}
-        return {m: default + ([16384] if m == "gemma3-270m" else []) for m in models}
+        return {m: default + (list(gemma_extra) if m == "gemma3-270m" else []) for m in models}
 
     parts = args.parts.split(",")
     bad = set(parts) - {"tf", "needle", "repeat"}
     if bad:
         raise ValueError(f"unknown --parts {', '.join(sorted(bad))} (tf, needle, repeat)")
     out = args.output or f"results/eval_{'_'.join(Path(m).stem for m in models)}"
-    ev.run(models, per_model(args.contexts, [2048, 4096, 8192]), per_model(args.needle_contexts, [2048, 4096, 8192]),
+    ev.run(models, per_model(args.contexts, [2048, 4096, 8192], [16384]), per_model(args.needle_contexts, [2048, 4096, 8192]),
            args.n_tokens, args.threads, out, parts=parts)
     return 0
 
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-c", "--contexts", default=None,
                    help="teacher-forcing contexts (default 2048,4096,8192; +16384 on gemma3-270m)")
     e.add_argument("--needle-contexts", default=None,
-                   help="needle and repetition contexts (default 2048,4096,8192; +16384 on gemma3-270m)")
+                   help="needle and repetition contexts (default 2048,4096,8192)")
     e.add_argument("-n", "--n-tokens", type=int, default=128, help="teacher-forced tokens per context")
     e.add_argument("-t", "--threads", type=int, default=2)
     e.add_argument("--parts", default="tf,needle,repeat", help="which evaluations: tf,needle,repeat")

@@ -16,7 +16,6 @@ The server needs llama-cpp-python's ``server`` extra: ``pip install 'sparq-cpp[s
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -91,9 +90,14 @@ class SparqLlamaProxy(LlamaProxy):
         params = settings.sparq_params() if isinstance(settings, SparqModelSettings) else None
         kwargs = params.as_kwargs() if params is not None else {}
         # upstream's loader passes every ModelSettings field to `llama_cpp.Llama`, looked up when
-        # it is called: point that name at our class for the duration of the call
+        # it is called: point that name at our class, with these SparQ arguments, for the call
+        # (a subclass, not a partial: request handlers also read `llama_cpp.Llama.__call__`)
+        class _Llama(Llama):
+            def __init__(self, *args, **kw):
+                super().__init__(*args, **{**kwargs, **kw})
+
         upstream = llama_cpp.Llama
-        llama_cpp.Llama = functools.partial(Llama, **kwargs)
+        llama_cpp.Llama = _Llama
         try:
             return LlamaProxy.load_llama_from_model_settings(settings)
         finally:

@@ -6,12 +6,12 @@
 //   same graph that writes K (one ggml_set_rows per layer, element rows as upstream's
 //   transposed V), in every ubatch while SparQ is set. Anything else that changes K (K-shift,
 //   stream copy, state load) marks it stale, and it is rebuilt from K before the next graph.
-// - The running V sum of a sequence is the fp32 sum of V over a tracked set of cells. Before a
-//   SparQ ubatch the set is brought to "cells of the sequence at positions <= the new token's",
-//   adding and subtracting rows; a cell's row is subtracted before any ubatch overwrites it, so
-//   what is subtracted is always what was added. Sequence operations need no hook (they only
-//   change cell metadata); freed cells leave the sum at the next sync. The new token's own V
-//   is added inside the graph.
+// - The running V sum of a sequence is the sum of V over a tracked set of cells, kept in fp64 on
+//   the host and handed to the op in fp32. Before a SparQ ubatch the set is brought to "cells of
+//   the sequence at positions <= the new token's", adding and subtracting rows; a cell's row is
+//   subtracted before any ubatch overwrites it, so what is subtracted is always what was added.
+//   Sequence operations need no hook (they only change cell metadata); freed cells leave the
+//   sum at the next sync. The new token's own V is added inside the graph.
 #include "llama-sparq.h"
 #include "llama-sparq-impl.h"
 
