@@ -93,12 +93,12 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
     from tqdm import tqdm
 
     from .llama import Llama
-    from .models import essays_dir
+    from .models import essays_text
 
     parsed = [parse_setting(s) for s in settings]
     if ("dense", None) not in parsed:
         parsed.insert(0, ("dense", None))
-    text = "\n\n".join(p.read_text() for p in sorted(essays_dir().glob("*.txt")))
+    text = essays_text()
     n_ctx = max(depths) + n_gen + 64
     common = dict(n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                   verbose=False)
@@ -144,21 +144,31 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
     fa_on.llm.set_sparq(None)
 
     result = {
-        "command": "sparq-cpp bench " + " ".join(sys.argv[2:]) if Path(sys.argv[0]).name == "sparq-cpp"
-        else " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "commit": git_commit(), "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(),
-                                         "system": platform.platform()},
-        "model": model, "threads": threads, "n_gen": n_gen, "reps": reps, "depths": depths,
+        **run_info(), "model": model, "threads": threads, "n_gen": n_gen, "reps": reps, "depths": depths,
         "settings": [lab for lab, _, _ in runs], "rows": rows,
     }
     print(table(result))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out + ".json").write_text(json.dumps(result, indent=1))
-        if plot:
-            _plot(result, out + ".png")
-        print(f"wrote {out}.json" + (f" and {out}.png" if plot else ""), file=sys.stderr)
+    save_outputs(result, out, _plot if plot else None)
     return result
+
+
+def run_info() -> dict:
+    """What a results file records about its run: the command, the commit, the machine."""
+    cmd = ("sparq-cpp " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "sparq-cpp"
+           else " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+    return {"command": cmd, "commit": git_commit(),
+            "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "system": platform.platform()}}
+
+
+def save_outputs(result: dict, out: Optional[str], plot=None) -> None:
+    """out.json, and out.png drawn by plot(result, path) when given; nothing without out."""
+    if not out:
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps(result, indent=1))
+    if plot is not None:
+        plot(result, out + ".png")
+    print(f"wrote {out}.json" + (f" and {out}.png" if plot is not None else ""), file=sys.stderr)
 
 
 def table(result: dict) -> str:

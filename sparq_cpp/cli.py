@@ -95,12 +95,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(argv) -> int:
-    from sparq_cpp import server
-
-    return server.main(argv)
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from sparq_cpp import eval as ev
 
@@ -185,10 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", default=None, help="output prefix for .json and .png (default results/eval_<models>)")
     e.set_defaults(func=_cmd_eval)
 
-    sv = sub.add_parser("serve", add_help=False,
-                        help="OpenAI-compatible server (llama-cpp-python's) with SparQ; "
-                             "`sparq-cpp serve --help` lists its flags")
-    sv.set_defaults(func=_cmd_serve)  # main() hands everything after `serve` to the server's parser
+    # listed for --help only: main() hands everything after `serve` to the server's own parser
+    sub.add_parser("serve", add_help=False, help="OpenAI-compatible server (llama-cpp-python's) with SparQ; "
+                                                 "`sparq-cpp serve --help` lists its flags")
 
     i = sub.add_parser("info", help="versions, library path, CPU features, GPU backend")
     i.set_defaults(func=_cmd_info)
@@ -198,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:  # the server has its own (generated) flags
-        return _cmd_serve(argv[1:])
+        from sparq_cpp import server
+
+        return server.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -19,18 +19,14 @@ Prints markdown tables; writes JSON and a PNG (metrics against compression per m
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
 import sys
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from ._lib import llama_cpp
-from .bench import _cpu_model, git_commit
+from .bench import _Ctx, run_info, save_outputs
 
 COMPRESSIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -61,15 +57,20 @@ def settings(head_dim: int, context: int, compressions=COMPRESSIONS) -> List[dic
     return out
 
 
-class _Model:
+def last_logits(llm) -> np.ndarray:
+    """The last decoded token's logits as fp64 (llm.scores holds them only with logits_all=True)."""
+    row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).astype(np.float64)
+
+
+class _Model(_Ctx):
     """One flash-attention context, decoded token by token; logits of the last token only."""
 
     def __init__(self, name: str, n_ctx: int, threads: int):
         from .llama import Llama
 
-        self.llm = Llama(name, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                         flash_attn=True, verbose=False)
-        self.n_vocab = self.llm.n_vocab()
+        super().__init__(Llama(name, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                               flash_attn=True, verbose=False))
         md = self.llm.metadata
         arch = md["general.architecture"]
         key_length = md.get(f"{arch}.attention.key_length")
@@ -77,13 +78,7 @@ class _Model:
             int(md[f"{arch}.embedding_length"]) // int(md[f"{arch}.attention.head_count"])
 
     def logits(self) -> np.ndarray:
-        row = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
-        return np.ctypeslib.as_array(row, shape=(self.n_vocab,)).astype(np.float64)
-
-    def prefill(self, tokens: List[int]) -> None:
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
-        self.llm.eval(tokens)
+        return last_logits(self.llm)
 
     def feed(self, start: int, tokens: List[int]) -> np.ndarray:
         """Back to `start` cached tokens, then feed `tokens` one at a time: their logits."""
@@ -109,14 +104,14 @@ class _Model:
         return self.llm.detokenize(toks).decode(errors="replace")
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def compare(dense: np.ndarray, other: np.ndarray, targets: List[int]) -> dict:
     """Metrics of `other` against `dense` logits; row i predicts targets[i]."""
-    ld, lo = _log_softmax(dense), _log_softmax(other)
+    ld, lo = log_softmax(dense), log_softmax(other)
     idx = np.arange(len(targets))
     nll_d, nll_o = -ld[idx, targets].mean(), -lo[idx, targets].mean()
     kl = (np.exp(ld) * (ld - lo)).sum(-1).mean()
@@ -125,10 +120,9 @@ def compare(dense: np.ndarray, other: np.ndarray, targets: List[int]) -> dict:
 
 
 def _essay_tokens(llm) -> List[int]:
-    from .models import essays_dir
+    from .models import essays_text
 
-    text = "\n\n".join(p.read_text() for p in sorted(essays_dir().glob("*.txt")))
-    return llm.tokenize(text.encode(), add_bos=False)
+    return llm.tokenize(essays_text().encode(), add_bos=False)
 
 
 def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict[str, List[int]],
@@ -138,11 +132,7 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
 
     from .sparq import SparqParams
 
-    result = {"command": "sparq-cpp eval " + " ".join(sys.argv[2:]) if Path(sys.argv[0]).name == "sparq-cpp"
-              else " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-              "commit": git_commit(), "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(),
-                                               "system": platform.platform()},
-              "threads": threads, "n_tokens": n_tokens, "tf": [], "needle": [], "repeat": []}
+    result = {**run_info(), "threads": threads, "n_tokens": n_tokens, "tf": [], "needle": [], "repeat": []}
     for name in models:
         ctxs = contexts[name] if "tf" in parts else []
         nctxs = needle_contexts[name] if ("needle" in parts or "repeat" in parts) else []
@@ -226,11 +216,7 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
         m.llm.close()
 
     print(tables(result))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out + ".json").write_text(json.dumps(result, indent=1))
-        _plot(result, out + ".png")
-        print(f"wrote {out}.json and {out}.png", file=sys.stderr)
+    save_outputs(result, out, _plot)
     return result
 
 

@@ -16,9 +16,9 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
-__all__ = ["KNOWN_MODELS", "model_path", "cache_dir", "check_gguf", "essays_dir"]
+__all__ = ["KNOWN_MODELS", "model_path", "cache_dir", "check_gguf", "essays_dir", "essays_text"]
 
 
 @dataclass(frozen=True)
@@ -187,3 +187,8 @@ def essays_dir() -> Path:
                     (out / Path(info.filename).name).write_bytes(z.read(info))
         os.replace(out, target)
     return target
+
+
+def essays_text(n: Optional[int] = None) -> str:
+    """The essays (the first n, in file-name order; all by default), joined by blank lines."""
+    return "\n\n".join(p.read_text() for p in sorted(essays_dir().glob("*.txt"))[:n])

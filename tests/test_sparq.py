@@ -17,6 +17,7 @@ import pytest
 import sparq_cpp
 from sparq_cpp import Llama, SparqParams, llama_cpp
 from sparq_cpp._lib import ffi, lib
+from sparq_cpp.eval import log_softmax
 from sparq_util import VSUM_TOL, check as _check, decode as _decode, prefill as _prefill, raw_context as _raw_context
 
 MODELS = ["smollm2-135m", "gemma3-270m"]
@@ -66,11 +67,6 @@ def _greedy(llm, prompt, n):
     return toks, np.array(logits)
 
 
-def _log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_k_at_least_context_equals_dense(name, essay_text):
     llm = _llm(name)
@@ -113,7 +109,7 @@ def test_compression_one_eighth_tracks_dense(name, essay_text):
 
     tgt = np.array(cont[1:])
     idx = np.arange(len(tgt))
-    ld, ls = _log_softmax(dense[:-1]), _log_softmax(sparq[:-1])
+    ld, ls = log_softmax(dense[:-1]), log_softmax(sparq[:-1])
     ppl_ratio = math.exp(-ls[idx, tgt].mean() + ld[idx, tgt].mean())
     agree = (dense.argmax(-1) == sparq.argmax(-1)).mean()
     print(f"{name} 1/8: agreement {agree:.3f}, perplexity ratio {ppl_ratio:.4f}, "
