@@ -4,8 +4,10 @@
 //   A  per item (query row x KV head): visible count and range, local window, i1, tau scales;
 //      items with k >= visible take every visible row (dense) and skip B-E
 //   B  positions split across threads: approximate logits from r rows of K^T (AVX2: in
-//      registers, f16 converted on the fly), per-thread softmax max and denominator, online
-//   D  positions split: the group's summed, normalised score (+inf on the local window)
+//      registers, f16 converted on the fly), per-thread max per head
+//   D1 positions split: s_hat's numerators exp(L - max) in place of the logits (the only
+//      exponentials of steps 2-4), per-thread denominators; one head per group: the scores
+//   D2 (G > 1) positions split: the group's summed, normalised score; +inf on the local window
 //   E  per item: O(S) radix selection of the top k, in position order
 //   F  selected rows split across threads: exact attention on K/V rows, softmax partials per
 //      thread (max, sum, weighted V, alpha's share)
@@ -297,38 +299,45 @@ int32_t select_top_k(const float * gs, int64_t lo, int64_t hi, int32_t k, int32_
 }
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-// Step 2 for NG (<= 4) heads of a group over positions [p0, p0 + n), n a multiple of 8: the
-// accumulators stay in registers across the r rows of K^T (f16, converted on the fly), then
-// logits = acc*ascale + mask, -inf where masked; running max per head; gs = -1 where masked.
-template <int NG>
-void step2_avx2(int64_t p0, int64_t n, int r, const int32_t * ii, const char * kt0, size_t nbkt1,
-                const float * const * qh, const float * asc, const ggml_tensor * mask, const char * mrow,
+// Step 2 for NG (<= 4) heads of a group over positions [p0, p0 + n), n a multiple of 8*NV: the
+// NG*NV accumulators (NV vectors of 8 positions per head) stay in registers across the r rows of
+// K^T (f16, converted on the fly; rows[jj] is row i1[jj] at position 0, qs[jj*NG + h] the query
+// value it multiplies), then logits = acc*ascale + mask, -inf where masked; running max per
+// head; gs = -1 where masked, 0 elsewhere.
+template <int NG, int NV>
+void step2_avx2(int64_t p0, int64_t n, int r, const ggml_fp16_t * const * rows, const float * qs,
+                const float * asc, const ggml_tensor * mask, const char * mrow,
                 float * const * Lh, float * gs, float * lmax) {
     __m256 vmax[NG];
     for (int h = 0; h < NG; ++h) vmax[h] = _mm256_set1_ps(lmax[h]);
     const __m256 ninf = _mm256_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < n; i += 8) {
+    for (int64_t i = 0; i < n; i += 8*NV) {
         const int64_t p = p0 + i;
-        __m256 a[NG];
-        for (int h = 0; h < NG; ++h) a[h] = _mm256_setzero_ps();
+        __m256 a[NG][NV];
+        for (int h = 0; h < NG; ++h) for (int u = 0; u < NV; ++u) a[h][u] = _mm256_setzero_ps();
         for (int jj = 0; jj < r; ++jj) {
-            const int64_t j = ii[jj];
-            const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) (kt0 + j*nbkt1) + p)));
-            for (int h = 0; h < NG; ++h) a[h] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(qh[h] + j), a[h]);
+            __m256 x[NV];
+            for (int u = 0; u < NV; ++u) x[u] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (rows[jj] + p + 8*u)));
+            for (int h = 0; h < NG; ++h) {
+                const __m256 qb = _mm256_broadcast_ss(qs + jj*NG + h);
+                for (int u = 0; u < NV; ++u) a[h][u] = _mm256_fmadd_ps(x[u], qb, a[h][u]);
+            }
         }
-        __m256 m, is_masked;
-        if (mask->type == GGML_TYPE_F16) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) mrow + p));
-            m = _mm256_cvtph_ps(raw);
-        } else {
-            m = _mm256_loadu_ps((const float *) mrow + p);
-        }
-        is_masked = _mm256_cmp_ps(m, ninf, _CMP_EQ_OQ);
-        _mm256_storeu_ps(gs + p, _mm256_and_ps(is_masked, _mm256_set1_ps(-1.0f)));
-        for (int h = 0; h < NG; ++h) {
-            const __m256 x = _mm256_blendv_ps(_mm256_fmadd_ps(a[h], _mm256_set1_ps(asc[h]), m), ninf, is_masked);
-            _mm256_storeu_ps(Lh[h] + p, x);
-            vmax[h] = _mm256_max_ps(vmax[h], x);
+        for (int u = 0; u < NV; ++u) {
+            const int64_t pu = p + 8*u;
+            __m256 m;
+            if (mask->type == GGML_TYPE_F16) {
+                m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) mrow + pu)));
+            } else {
+                m = _mm256_loadu_ps((const float *) mrow + pu);
+            }
+            const __m256 is_masked = _mm256_cmp_ps(m, ninf, _CMP_EQ_OQ);
+            _mm256_storeu_ps(gs + pu, _mm256_and_ps(is_masked, _mm256_set1_ps(-1.0f)));
+            for (int h = 0; h < NG; ++h) {
+                const __m256 x = _mm256_blendv_ps(_mm256_fmadd_ps(a[h][u], _mm256_set1_ps(asc[h]), m), ninf, is_masked);
+                _mm256_storeu_ps(Lh[h] + pu, x);
+                vmax[h] = _mm256_max_ps(vmax[h], x);
+            }
         }
     }
     for (int h = 0; h < NG; ++h) {
@@ -336,6 +345,17 @@ void step2_avx2(int64_t p0, int64_t n, int r, const int32_t * ii, const char * k
         _mm256_storeu_ps(t, vmax[h]);
         for (int e = 0; e < 8; ++e) lmax[h] = std::max(lmax[h], t[e]);
     }
+}
+
+// the above on [p0, p0 + n), n a multiple of 8: wide blocks, then single vectors
+template <int NG>
+void step2_avx2_range(int64_t p0, int64_t n, int r, const ggml_fp16_t * const * rows, const float * qs,
+                      const float * asc, const ggml_tensor * mask, const char * mrow,
+                      float * const * Lh, float * gs, float * lmax) {
+    constexpr int NV = NG <= 2 ? 4 : 2;
+    const int64_t nw = n - n % (8*NV);
+    step2_avx2<NG, NV>(p0, nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+    step2_avx2<NG, 1>(p0 + nw, n - nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
 }
 #endif
 
@@ -466,25 +486,25 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     }
     ggml_barrier(params->threadpool);
 
-    // per head of item it: the global max of the approximate logits and 1/softmax denominator,
-    // merged from the threads' partials
-    auto head_norm = [&](int64_t it, float * M, float * zinv) {
+    // per head of item it: the global max of the approximate logits (after B), and the inverse
+    // softmax denominator (after D1), from the threads' partials
+    auto head_max = [&](int64_t it, float * M) {
         for (int64_t hh = 0; hh < G; ++hh) {
             float m = -INFINITY;
             for (int t = 0; t < nth; ++t) m = std::max(m, pmax[((size_t) t*I + it)*G + hh]);
-            double z = 0;
-            for (int t = 0; t < nth; ++t) {
-                const float mt = pmax[((size_t) t*I + it)*G + hh];
-                if (mt != -INFINITY) z += (double) psum[((size_t) t*I + it)*G + hh] * std::exp((double) mt - m);
-            }
             M[hh] = m;
-            zinv[hh] = (float) (1.0 / z);
+        }
+    };
+    auto head_zinv = [&](int64_t it, float * zinv) {
+        for (int64_t hh = 0; hh < G; ++hh) {
+            double z = 0;
+            for (int t = 0; t < nth; ++t) z += psum[((size_t) t*I + it)*G + hh];
+            zinv[hh] = z > 0 ? (float) (1.0 / z) : 0.0f;
         }
     };
 
-    // ---- B: approximate logits from r rows of K^T, positions split across threads; the -----
-    //         softmax max and denominator per head, online
-
+    // ---- B: approximate logits from r rows of K^T, positions split across threads, and ------
+    //         their max per head
     for (int64_t it = 0; it < I; ++it) {
         const item_info & inf = info[it];
         if (inf.dense) continue;
@@ -494,9 +514,9 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         const int32_t * ii = i1 + it*d.D;
         float * L = Lall + it*G*S;
         float * gs = gsall + it*S;
-        float lmax[64], zsum[64];
+        float lmax[64];
         GGML_ASSERT(G <= 64);
-        for (int64_t hh = 0; hh < G; ++hh) { lmax[hh] = -INFINITY; zsum[hh] = 0.0f; }
+        for (int64_t hh = 0; hh < G; ++hh) lmax[hh] = -INFINITY;
         const char * kt0 = (const char *) kt->data + g*kt->nb[2] + s*kt->nb[3];
         // plain step 2 on [pa, pb) (at most SPARQ_BLK positions)
         auto step2_plain = [&](int64_t pa, int64_t pb) {
@@ -537,65 +557,104 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
                 lmax[hh] = mx;
             }
         };
-        for (int64_t p0 = c0; p0 < c1; p0 += SPARQ_BLK) {
-            const int64_t n = std::min(SPARQ_BLK, c1 - p0);
-            float mprev[64];
-            std::copy(lmax, lmax + G, mprev);
-            int64_t n8 = 0;
+        int64_t n8 = 0;
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-            if (k_f16) {
-                n8 = n & ~int64_t(7);
+        if (k_f16) {
+            n8 = (c1 - c0) & ~int64_t(7);
+            const ggml_fp16_t * rows[SPARQ_BLK];  // D <= SPARQ_BLK (supports_op)
+            for (int32_t jj = 0; jj < d.r; ++jj) rows[jj] = (const ggml_fp16_t *) (kt0 + ii[jj]*kt->nb[1]);
+            // the query values each row multiplies, per group of up to 4 heads: qs[h0*r + jj*ng + h]
+            float * qs = qbuf;  // G*D floats, free until phase F
+            for (int64_t h0 = 0; h0 < G; h0 += 4) {
+                const int64_t ng = std::min<int64_t>(4, G - h0);
+                for (int64_t h = 0; h < ng; ++h) {
+                    const float * qh = q_row(b, g*G + h0 + h, s);
+                    for (int32_t jj = 0; jj < d.r; ++jj) qs[h0*d.r + jj*ng + h] = qh[ii[jj]];
+                }
+            }
+            // blocks of SPARQ_BLK positions: a block's K^T rows stay in L1 across the head groups
+            for (int64_t p0 = c0; p0 < c0 + n8; p0 += SPARQ_BLK) {
+                const int64_t n = std::min(SPARQ_BLK, c0 + n8 - p0);
                 for (int64_t h0 = 0; h0 < G; h0 += 4) {
                     const int ng = (int) std::min<int64_t>(4, G - h0);
-                    const float * qh[4]; float * Lh[4];
-                    for (int h = 0; h < ng; ++h) { qh[h] = q_row(b, g*G + h0 + h, s); Lh[h] = L + (h0 + h)*S; }
+                    float * Lh[4];
+                    for (int h = 0; h < ng; ++h) Lh[h] = L + (h0 + h)*S;
                     const float * asc = ascale + it*G + h0;
+                    const float * qg = qs + h0*d.r;
                     switch (ng) {
-                        case 1:  step2_avx2<1>(p0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                        case 2:  step2_avx2<2>(p0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                        case 3:  step2_avx2<3>(p0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                        default: step2_avx2<4>(p0, n8, d.r, ii, kt0, kt->nb[1], qh, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                        case 1:  step2_avx2_range<1>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                        case 2:  step2_avx2_range<2>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                        case 3:  step2_avx2_range<3>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                        default: step2_avx2_range<4>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
                     }
                 }
             }
+        }
 #endif
-            step2_plain(p0 + n8, p0 + n);
-            // softmax denominator, online across blocks while the block is in cache
-            for (int64_t hh = 0; hh < G; ++hh) {
-                if (lmax[hh] == -INFINITY) continue;
-                const float rescale = mprev[hh] == -INFINITY ? 0.0f : std::exp(mprev[hh] - lmax[hh]);
-                zsum[hh] = zsum[hh]*rescale + (float) ggml_vec_soft_max_f32((int) n, blk_row, L + hh*S + p0, lmax[hh]);
-            }
+        for (int64_t p0 = c0 + n8; p0 < c1; p0 += SPARQ_BLK) {
+            step2_plain(p0, std::min(c1, p0 + SPARQ_BLK));
         }
         for (int64_t hh = 0; hh < G; ++hh) {
             pmax[((size_t) ith*I + it)*G + hh] = lmax[hh];
-            psum[((size_t) ith*I + it)*G + hh] = zsum[hh];
         }
     }
     ggml_barrier(params->threadpool);
 
-    // ---- D: the group's summed, normalised scores ------------------------------------------
+    // ---- D1: s_hat's numerators in place of the logits, exp(L - max) (0 where masked), and the
+    //          softmax denominators' partials. With one head per group the selection needs no
+    //          normalisation: the scores are the numerators themselves, plus the window
     for (int64_t it = 0; it < I; ++it) {
         const item_info & inf = info[it];
         if (inf.dense) continue;
         int64_t c0, c1; split_range(inf.p_lo, inf.p_hi, ith, nth, c0, c1);
-        float M[64], zinv[64];
-        head_norm(it, M, zinv);
-        // gs holds -1 where masked and 0 elsewhere (phase B); exp(-inf) = 0 keeps it so
-        float * gs = gsall + it*S;
-        const float * L = Lall + it*G*S;
-        for (int64_t p0 = c0; p0 < c1; p0 += SPARQ_BLK) {
-            const int n = (int) std::min(SPARQ_BLK, c1 - p0);
-            for (int64_t hh = 0; hh < G; ++hh) {
-                ggml_vec_soft_max_f32(n, blk_row, L + hh*S + p0, M[hh]);
-                ggml_vec_mad_f32(n, gs + p0, blk_row, zinv[hh]);
+        float M[64];
+        head_max(it, M);
+        float * L = Lall + it*G*S;
+        for (int64_t hh = 0; hh < G; ++hh) {
+            float * Lh = L + hh*S;
+            double z = 0;
+            if (c1 > c0) {
+                if (M[hh] == -INFINITY) {
+                    std::fill(Lh + c0, Lh + c1, 0.0f);
+                } else {
+                    z = ggml_vec_soft_max_f32((int) (c1 - c0), Lh + c0, Lh + c0, M[hh]);
+                }
             }
+            psum[((size_t) ith*I + it)*G + hh] = (float) z;
         }
-        for (int64_t p = std::max<int64_t>(c0, inf.t_local); p < c1; ++p) {
-            if (gs[p] >= 0.0f) gs[p] = INFINITY;  // the local window is always selected
+        if (G == 1) {
+            // gs holds -1 where masked and 0 elsewhere (phase B); the numerator is 0 where masked
+            float * gs = gsall + it*S;
+            for (int64_t p = c0; p < c1; ++p) gs[p] += L[p];
+            for (int64_t p = std::max<int64_t>(c0, inf.t_local); p < c1; ++p) {
+                if (gs[p] >= 0.0f) gs[p] = INFINITY;  // the local window is always selected
+            }
         }
     }
     ggml_barrier(params->threadpool);
+
+    // ---- D2: the group's summed, normalised scores (more than one head per group) ------------
+    if (G > 1) {
+        for (int64_t it = 0; it < I; ++it) {
+            const item_info & inf = info[it];
+            if (inf.dense) continue;
+            int64_t c0, c1; split_range(inf.p_lo, inf.p_hi, ith, nth, c0, c1);
+            float zinv[64];
+            head_zinv(it, zinv);
+            float * gs = gsall + it*S;
+            const float * L = Lall + it*G*S;
+            for (int64_t p0 = c0; p0 < c1; p0 += SPARQ_BLK) {
+                const int n = (int) std::min(SPARQ_BLK, c1 - p0);
+                for (int64_t hh = 0; hh < G; ++hh) {
+                    ggml_vec_mad_f32(n, gs + p0, L + hh*S + p0, zinv[hh]);
+                }
+            }
+            for (int64_t p = std::max<int64_t>(c0, inf.t_local); p < c1; ++p) {
+                if (gs[p] >= 0.0f) gs[p] = INFINITY;  // the local window is always selected
+            }
+        }
+        ggml_barrier(params->threadpool);
+    }
 
     // ---- E: selection, one item per thread -------------------------------------------------
     for (int64_t it = ith; it < I; it += nth) {
@@ -613,8 +672,8 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         const char * mrow = mask_row(mask, b, s);
         const int32_t * isel = sel + it*S;
         const float * L = Lall + it*G*S;
-        float Mh[64], zinv[64];
-        if (!inf.dense) head_norm(it, Mh, zinv);
+        float zinv[64];
+        if (!inf.dense) head_zinv(it, zinv);
         // the group's queries, contiguous, in f32 (scores are fp32: K is converted, q is not rounded)
         for (int64_t hh = 0; hh < G; ++hh) {
             memcpy(qbuf + hh*d.D, q_row(b, g*G + hh, s), d.D*sizeof(float));
@@ -654,9 +713,10 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
             ph[1] = na > 0 ? (float) ggml_vec_soft_max_f32((int) na, sc + hh*na, sc + hh*na, mx) : 0.0f;
             float al = 0.0f;
             if (!inf.dense && na > 0) {
-                float * tmp = (float *) cand;  // free in this phase
-                for (int64_t i = 0; i < na; ++i) tmp[i] = L[hh*S + isel[a0 + i]];
-                al = (float) ggml_vec_soft_max_f32((int) na, tmp, tmp, Mh[hh]) * zinv[hh];
+                // s_hat's numerators (phase D1) at this thread's selected rows
+                double e = 0;
+                for (int64_t i = 0; i < na; ++i) e += L[hh*S + isel[a0 + i]];
+                al = (float) e * zinv[hh];
             }
             ph[2] = al;
             memset(ph + 3, 0, d.Dv*sizeof(float));
