@@ -33,8 +33,7 @@
 namespace {
 
 constexpr int64_t SPARQ_BLK   = 256;  // positions per block in step 2
-constexpr int64_t SPARQ_HBITS = 12;   // radix-select histogram: top 12 bits of the score
-constexpr int64_t SPARQ_HBINS = 1 << SPARQ_HBITS;
+constexpr int     SPARQ_HBITS = 12;   // radix-select histogram: at most the top 12 bits of the score
 constexpr int64_t SPARQ_PF    = 8;    // rows prefetched ahead in the gather of step 5
 
 inline void prefetch_row(const char * p, size_t bytes) {
@@ -85,7 +84,8 @@ size_t align16(size_t n) { return (n + 15) & ~size_t(15); }
 
 // scratch layout, in 4-byte words; one definition serves the planner and the kernel
 struct sparq_layout {
-    size_t info, i1, ascale, sel, L, gs, pmax, psum, part, thr, per_thr, total;
+    size_t info, i1, ascale, sel, L, gs, pmax, psum, hist, part, thr, per_thr, total;
+    int    hbits;       // bits of the selection's histogram (fewer for short contexts)
     size_t part_stride; // per (thread, item, head): M, S, alpha, acc[Dv]
 };
 
@@ -102,11 +102,14 @@ sparq_layout get_layout(const sparq_dims & d, int nth) {
     o.gs          = take(I * S);
     o.pmax        = take((size_t) nth * I * G);
     o.psum        = take((size_t) nth * I * G);
+    o.hbits       = 8;
+    while (o.hbits < SPARQ_HBITS && (int64_t(1) << (o.hbits + 3)) < d.n_kv) o.hbits++;
+    o.hist        = take((size_t) nth * I << o.hbits);  // per thread and item: its positions' histogram
     o.part_stride = 3 + d.Dv;
     o.part        = take((size_t) nth * I * G * o.part_stride);
     // per thread: step-2 row block + G accumulators + mask block, q rows in f32, V row in f32,
-    // the radix histogram and the candidate list of the selection, the step-5 scores
-    o.per_thr     = align16(SPARQ_BLK * (G + 2) + G * d.D + d.Dv + SPARQ_HBINS + S + G * (S / nth + 16));
+    // the candidate list of the selection, the step-5 scores
+    o.per_thr     = align16(SPARQ_BLK * (G + 2) + G * d.D + d.Dv + S + G * (S / nth + 16));
     o.thr         = take((size_t) nth * o.per_thr);
     o.total       = off;
     return o;
@@ -255,47 +258,122 @@ inline void split_range(int64_t lo, int64_t hi, int ith, int nth, int64_t & c0, 
     c1 = std::min(hi, c0 + chunk);
 }
 
-// Top-k of gs[lo, hi) (entries < 0 are never chosen), written in position order to sel.
-// Scores are >= 0 (or +inf), so their bit patterns order like the values: one histogram pass on
-// the top bits finds the bin holding the k-th largest, an nth_element over that bin's members
-// finds the exact threshold, and a last pass emits, ties going to the lower positions.
-int32_t select_top_k(const float * gs, int64_t lo, int64_t hi, int32_t k, int32_t * sel,
-                     int32_t * hist, uint32_t * cand) {
-    memset(hist, 0, sizeof(int32_t) * SPARQ_HBINS);
+// Histogram of the top hbits bits of the scores gs[c0, c1) that are >= 0 (or +inf): their bit
+// patterns order like the values. Each thread counts its own positions (phase D).
+void score_histogram(const float * gs, int64_t c0, int64_t c1, int hbits, int32_t * hist) {
+    memset(hist, 0, sizeof(int32_t) << hbits);
     const uint32_t * bits = (const uint32_t *) gs;
-    for (int64_t p = lo; p < hi; ++p) {
+    for (int64_t p = c0; p < c1; ++p) {
         const uint32_t u = bits[p];
         if (!(u >> 31)) {
-            hist[u >> (32 - SPARQ_HBITS)]++;
+            hist[u >> (32 - hbits)]++;
         }
     }
+}
+
+// Top-k of gs[lo, hi) (entries < 0 are never chosen), written in position order to sel, from the
+// threads' histograms (hists[t]; summed into hists[0]): the bin holding the k-th largest, an
+// nth_element over that bin's members for the exact threshold T, then one pass that emits the
+// scores above T and the first ties at T (ties go to the lower positions). As int32, the scores'
+// bits compare like the values and masked entries (sign bit set) are below every threshold.
+int32_t select_top_k(const float * gs, int64_t lo, int64_t hi, int32_t k, int32_t * sel,
+                     int32_t * const * hists, int nh, int hbits, uint32_t * cand) {
+    const int64_t nbins = int64_t(1) << hbits;
+    int32_t * hist = hists[0];
+    for (int t = 1; t < nh; ++t) {
+        for (int64_t i = 0; i < nbins; ++i) hist[i] += hists[t][i];
+    }
     int32_t above = 0;
-    int64_t bin = SPARQ_HBINS - 1;
+    int64_t bin = nbins/2 - 1;  // the sign bit is clear
     for (; bin > 0; --bin) {
         if (above + hist[bin] >= k) break;
         above += hist[bin];
     }
     const int32_t need = k - above;  // how many to take from the threshold bin
+    const int32_t * ibits = (const int32_t *) gs;
+    // members of the bin: lo_b < u <= hi_b
+    const int32_t lo_b = (int32_t) ((uint32_t) bin << (32 - hbits)) - 1;
+    const int32_t hi_b = (int32_t) std::min<int64_t>(((int64_t) bin + 1) << (32 - hbits), INT32_MAX + int64_t(1)) - 1;
     int32_t nc = 0;
-    for (int64_t p = lo; p < hi; ++p) {
-        const uint32_t u = bits[p];
-        if (!(u >> 31) && (int64_t)(u >> (32 - SPARQ_HBITS)) == bin) cand[nc++] = u;
-    }
-    std::nth_element(cand, cand + (need - 1), cand + nc, std::greater<uint32_t>());
-    const uint32_t T = cand[need - 1];
-    int32_t gt = 0;
-    for (int32_t i = 0; i < nc; ++i) gt += cand[i] > T;
-    int32_t ties = need - gt;
-    int32_t n = 0;
-    for (int64_t p = lo; p < hi; ++p) {
-        const uint32_t u = bits[p];
-        if (u >> 31) continue;
-        const int64_t ub = u >> (32 - SPARQ_HBITS);
-        if (ub > bin || (ub == bin && (u > T || (u == T && ties-- > 0)))) {
-            sel[n++] = (int32_t) p;
+    int64_t p = lo;
+#if defined(__AVX2__)
+    {
+        const __m256i vlo = _mm256_set1_epi32(lo_b), vhi = _mm256_set1_epi32(hi_b);
+        for (; p + 8 <= hi; p += 8) {
+            const __m256i u = _mm256_loadu_si256((const __m256i *) (ibits + p));
+            int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpgt_epi32(u, vhi), _mm256_cmpgt_epi32(u, vlo))));
+            while (m) { cand[nc++] = (uint32_t) ibits[p + __builtin_ctz(m)]; m &= m - 1; }
         }
     }
+#endif
+    for (; p < hi; ++p) {
+        if (ibits[p] > lo_b && ibits[p] <= hi_b) cand[nc++] = (uint32_t) ibits[p];
+    }
+    std::nth_element(cand, cand + (need - 1), cand + nc, std::greater<uint32_t>());
+    const int32_t T = (int32_t) cand[need - 1];
+    int32_t gt = 0;
+    for (int32_t i = 0; i < nc; ++i) gt += (int32_t) cand[i] > T;
+    int32_t ties = need - gt;
+    int32_t n = 0;
+    p = lo;
+#if defined(__AVX2__)
+    {
+        const __m256i vt = _mm256_set1_epi32(T);
+        for (; p + 8 <= hi; p += 8) {
+            const __m256i u = _mm256_loadu_si256((const __m256i *) (ibits + p));
+            int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(u, vt)));
+            if (ties > 0 && _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(u, vt)))) {
+                for (int e = 0; e < 8; ++e) {
+                    if (ibits[p + e] > T || (ibits[p + e] == T && ties-- > 0)) sel[n++] = (int32_t) (p + e);
+                }
+                continue;
+            }
+            while (m) { sel[n++] = (int32_t) (p + __builtin_ctz(m)); m &= m - 1; }
+        }
+    }
+#endif
+    for (; p < hi; ++p) {
+        if (ibits[p] > T || (ibits[p] == T && ties-- > 0)) sel[n++] = (int32_t) p;
+    }
     return n;
+}
+
+// visible positions of a mask row: count, first, one past the last (p_lo = S, p_hi = 0 if none)
+void scan_visible(const ggml_tensor * mask, const char * mrow, int64_t S, int32_t & n_vis, int32_t & p_lo, int32_t & p_hi) {
+    n_vis = 0; p_lo = (int32_t) S; p_hi = 0;
+    int64_t p = 0;
+#if defined(__AVX2__)
+    if (mask->type == GGML_TYPE_F16) {  // 16 positions a step: 2 bits of the byte mask each
+        const __m256i ninf = _mm256_set1_epi16((short) 0xFC00);
+        for (; p + 16 <= S; p += 16) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *) ((const uint16_t *) mrow + p));
+            const uint32_t vis = ~(uint32_t) _mm256_movemask_epi8(_mm256_cmpeq_epi16(x, ninf));
+            if (vis) {
+                if (n_vis == 0) p_lo = (int32_t) (p + __builtin_ctz(vis)/2);
+                p_hi = (int32_t) (p + (31 - __builtin_clz(vis))/2 + 1);
+                n_vis += __builtin_popcount(vis)/2;
+            }
+        }
+    } else {
+        const __m256i ninf = _mm256_set1_epi32((int) 0xFF800000u);
+        for (; p + 8 <= S; p += 8) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *) ((const float *) mrow + p));
+            const uint32_t vis = ~(uint32_t) _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(x, ninf))) & 0xFFu;
+            if (vis) {
+                if (n_vis == 0) p_lo = (int32_t) (p + __builtin_ctz(vis));
+                p_hi = (int32_t) (p + (31 - __builtin_clz(vis)) + 1);
+                n_vis += __builtin_popcount(vis);
+            }
+        }
+    }
+#endif
+    for (; p < S; ++p) {
+        if (!masked_at(mask, mrow, p)) {
+            if (n_vis == 0) p_lo = (int32_t) p;
+            p_hi = (int32_t) p + 1;
+            n_vis++;
+        }
+    }
 }
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -403,6 +481,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     float   * gsall  = W + o.gs;
     float   * pmax   = W + o.pmax;
     float   * psum   = W + o.psum;
+    int32_t * hists  = (int32_t *) (W + o.hist);
     float   * part   = W + o.part;
     float   * thr    = W + o.thr + (size_t) ith * o.per_thr;
 
@@ -418,8 +497,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     float       * acc      = thr + 2*SPARQ_BLK;                    // G*SPARQ_BLK
     float       * qbuf     = thr + (G + 2)*SPARQ_BLK;              // G*D: the group's q rows in f32
     float       * vrow     = qbuf + G*d.D;                         // Dv
-    int32_t     * hist     = (int32_t *) (vrow + d.Dv);            // SPARQ_HBINS
-    uint32_t    * cand     = (uint32_t *) (hist + SPARQ_HBINS);    // S
+    uint32_t    * cand     = (uint32_t *) (vrow + d.Dv);           // S
     float       * sc       = (float *) (cand + S);                 // G*(S/nth + 16): step-5 scores
 
     auto item_coords = [&](int64_t it, int64_t & s, int64_t & b, int64_t & g) {
@@ -434,14 +512,8 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         int64_t s, b, g; item_coords(it, s, b, g);
         const char * mrow = mask_row(mask, b, s);
         item_info & inf = info[it];
-        int32_t n_vis = 0, p_lo = (int32_t) S, p_hi = 0;
-        for (int64_t p = 0; p < S; ++p) {
-            if (!masked_at(mask, mrow, p)) {
-                if (n_vis == 0) p_lo = (int32_t) p;
-                p_hi = (int32_t) p + 1;
-                n_vis++;
-            }
-        }
+        int32_t n_vis, p_lo, p_hi;
+        scan_visible(mask, mrow, S, n_vis, p_lo, p_hi);
         inf.n_vis = n_vis; inf.p_lo = p_lo; inf.p_hi = p_hi;
         inf.dense = n_vis <= d.k_top;
         int32_t * isel = sel + it*S;
@@ -629,6 +701,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
             for (int64_t p = std::max<int64_t>(c0, inf.t_local); p < c1; ++p) {
                 if (gs[p] >= 0.0f) gs[p] = INFINITY;  // the local window is always selected
             }
+            score_histogram(gs, c0, c1, o.hbits, hists + (((size_t) ith*I + it) << o.hbits));
         }
     }
     ggml_barrier(params->threadpool);
@@ -652,6 +725,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
             for (int64_t p = std::max<int64_t>(c0, inf.t_local); p < c1; ++p) {
                 if (gs[p] >= 0.0f) gs[p] = INFINITY;  // the local window is always selected
             }
+            score_histogram(gs, c0, c1, o.hbits, hists + (((size_t) ith*I + it) << o.hbits));
         }
         ggml_barrier(params->threadpool);
     }
@@ -660,7 +734,9 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     for (int64_t it = ith; it < I; it += nth) {
         item_info & inf = info[it];
         if (inf.dense) continue;
-        inf.n_sel = select_top_k(gsall + it*S, inf.p_lo, inf.p_hi, d.k_top, sel + it*S, hist, cand);
+        int32_t * hp[GGML_MAX_N_THREADS];
+        for (int t = 0; t < nth; ++t) hp[t] = hists + (((size_t) t*I + it) << o.hbits);
+        inf.n_sel = select_top_k(gsall + it*S, inf.p_lo, inf.p_hi, d.k_top, sel + it*S, hp, nth, o.hbits, cand);
     }
     ggml_barrier(params->threadpool);
 
