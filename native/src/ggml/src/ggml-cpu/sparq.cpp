@@ -744,9 +744,17 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     for (int64_t it = 0; it < I; ++it) {
         const item_info & inf = info[it];
         int64_t s, b, g; item_coords(it, s, b, g);
-        int64_t a0, a1; split_range(0, inf.n_sel, ith, nth, a0, a1);
         const char * mrow = mask_row(mask, b, s);
+        // this thread's rows: an equal share of the scattered rows and of the local window's
+        // (contiguous, so cheaper to read), for the threads to finish together
         const int32_t * isel = sel + it*S;
+        const int64_t n_win = inf.dense ? 0 : isel + inf.n_sel - std::lower_bound(isel, isel + inf.n_sel, inf.t_local);
+        int64_t a0, a1, w0, w1;
+        split_range(0, inf.n_sel - n_win, ith, nth, a0, a1);
+        split_range(inf.n_sel - n_win, inf.n_sel, ith, nth, w0, w1);
+        int32_t * rows = (int32_t *) cand;  // free in this phase
+        std::copy(isel + a0, isel + a1, rows);
+        std::copy(isel + w0, isel + w1, rows + (a1 - a0));
         const float * L = Lall + it*G*S;
         float zinv[64];
         if (!inf.dense) head_zinv(it, zinv);
@@ -755,16 +763,16 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
             memcpy(qbuf + hh*d.D, q_row(b, g*G + hh, s), d.D*sizeof(float));
         }
         float * P = part + ((size_t) ith*I + it)*G*o.part_stride;
-        const int64_t na = a1 - a0;
+        const int64_t na = (a1 - a0) + (w1 - w0);
         // pass 1: the scores of this thread's rows, per head (row-major: sc[hh*na + i])
         const size_t krow_bytes = d.D*ggml_type_size(k->type), vrow_bytes = d.Dv*ggml_type_size(v->type);
         const char * kbase = (const char *) k->data + g*k->nb[2] + s*k->nb[3];  // this KV head's rows
         const char * vbase = (const char *) v->data + g*v->nb[2] + s*v->nb[3];
         for (int64_t i = 0; i < na; ++i) {
-            const int64_t p = isel[a0 + i];
+            const int64_t p = rows[i];
             const char * krow = kbase + p*k->nb[1];
             if (i + SPARQ_PF < na) {  // the rows are scattered: keep several loads in flight
-                prefetch_row(kbase + isel[a0 + i + SPARQ_PF]*k->nb[1], krow_bytes);
+                prefetch_row(kbase + rows[i + SPARQ_PF]*k->nb[1], krow_bytes);
             }
             const float mv = mask_at(mask, mrow, p);
             float dots[64];
@@ -791,7 +799,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
             if (!inf.dense && na > 0) {
                 // s_hat's numerators (phase D1) at this thread's selected rows
                 double e = 0;
-                for (int64_t i = 0; i < na; ++i) e += L[hh*S + isel[a0 + i]];
+                for (int64_t i = 0; i < na; ++i) e += L[hh*S + rows[i]];
                 al = (float) e * zinv[hh];
             }
             ph[2] = al;
@@ -799,10 +807,10 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         }
         // pass 3: the weighted sum of this thread's V rows
         for (int64_t i = 0; i < na; ++i) {
-            const int64_t p = isel[a0 + i];
+            const int64_t p = rows[i];
             const char * vsrc = vbase + p*v->nb[1];
             if (i + SPARQ_PF < na) {
-                prefetch_row(vbase + isel[a0 + i + SPARQ_PF]*v->nb[1], vrow_bytes);
+                prefetch_row(vbase + rows[i + SPARQ_PF]*v->nb[1], vrow_bytes);
             }
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
             if (v_f16 && d.Dv % 8 == 0) {  // convert each 8 values once, for all heads of the group
