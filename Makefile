@@ -49,6 +49,7 @@ test: build
 
 bench-op: build
 	$(VPY) scripts/bench_op.py
+	$(VPY) scripts/bench_op.py --cold --out results/bench_op_cold
 
 # The op tests (C++) and the SparQ cache, batch and fuzz tests (pytest, with the sanitized
 # libraries loaded into Python through LD_PRELOAD of the ASan runtime; leak reports off, as

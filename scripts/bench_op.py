@@ -9,6 +9,12 @@ writes JSON (and a PNG plot when matplotlib is installed).
 
     python scripts/bench_op.py                      # the README table
     python scripts/bench_op.py --ctx 4096,32768 --threads 2 --reps 30
+    python scripts/bench_op.py --cold --out results/bench_op_cold   # caches evicted before each run
+
+By default every repetition runs on the same data, so what a method reads may stay in the
+last-level cache between repetitions (SparQ's few MB can; dense's tens of MB mostly cannot).
+In decode, the other layers pass through the cache between two calls of a layer: --cold writes
+a 96 MiB buffer before every timed run, which is closer to that.
 """
 
 from __future__ import annotations
@@ -36,13 +42,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compression", default="8,16", help="1/c read budgets")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median)")
+    ap.add_argument("--cold", action="store_true", help="evict the caches before every timed run")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_op"), help="output prefix (.json, .png)")
     args = ap.parse_args(argv)
 
     if not BIN.exists():
         sys.exit(f"{BIN} is missing: run `make build` first")
     cmd = [str(BIN), "--threads", str(args.threads), "--reps", str(args.reps), "--ctx", args.ctx,
-           "--dims", args.dims, "--compression", args.compression]
+           "--dims", args.dims, "--compression", args.compression] + (["--cold"] if args.cold else [])
     n_expected = len(args.ctx.split(",")) * len(args.dims.split(",")) * len(args.compression.split(","))
 
     try:
@@ -67,7 +74,8 @@ def main(argv=None) -> int:
         sys.exit(f"bench-sparq-op failed with exit code {proc.returncode}")
 
     bw = machine["read_gbs"]
-    print(f"\nSparQ attention op vs dense, one token, F16 K/V, {args.threads} threads; "
+    print(f"\nSparQ attention op vs dense, one token, F16 K/V, {args.threads} threads, "
+          f"{'caches evicted before each run' if args.cold else 'warm caches'}; "
           f"machine read bandwidth {bw:.1f} GB/s ({args.threads} threads)\n")
     hdr = ("| d | group | kv heads | S | budget | r | k | SparQ ms | flash_attn ms | mul_mat ms | "
            "speed-up vs faster dense | reads SparQ / dense | SparQ GB/s | dense GB/s |")
@@ -113,7 +121,7 @@ def main(argv=None) -> int:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context S (positions)")
     ax.set_ylabel("speed-up vs faster dense path")
-    ax.set_title(f"SparQ op vs dense attention, CPU, {args.threads} threads")
+    ax.set_title(f"SparQ op vs dense attention, CPU, {args.threads} threads{', cold caches' if args.cold else ''}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)

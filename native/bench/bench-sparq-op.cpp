@@ -3,7 +3,7 @@
 // transposed V (llama.cpp's path with flash attention off). One query token, F16 K/V.
 //
 //   bench-sparq-op [--threads N] [--reps N] [--ctx 1024,4096,...] [--dims 64:3:3,128:4:8]
-//                  [--compression 8,16]
+//                  [--compression 8,16] [--cold]
 //
 // --dims takes head_dim:group_size:n_head_kv triples. Prints one JSON object per line (a result
 // per configuration, and first the machine's measured read bandwidth); scripts/bench_op.py turns
@@ -72,6 +72,13 @@ struct Runner {
     ggml_threadpool * tp;
     int threads;
     std::vector<uint8_t> work;
+    bool cold = false;                 // evict the caches before every timed run
+    std::vector<uint64_t> evict;       // 3x the last-level cache, written before each run
+
+    void evict_caches() {
+        if (evict.empty()) evict.resize((size_t) 96 << 17);  // 96 MiB
+        for (size_t i = 0; i < evict.size(); i += 8) evict[i] += 1;
+    }
 
     double median_ms(ggml_cgraph * gf, int reps) {
         ggml_cplan plan = ggml_graph_plan(gf, threads, tp);
@@ -80,6 +87,7 @@ struct Runner {
         for (int i = 0; i < 3; ++i) ggml_graph_compute(gf, &plan);
         std::vector<double> ts;
         for (int i = 0; i < reps; ++i) {
+            if (cold) evict_caches();
             auto t0 = clk::now();
             ggml_graph_compute(gf, &plan);
             ts.push_back(std::chrono::duration<double, std::milli>(clk::now() - t0).count());
@@ -101,6 +109,7 @@ void fill_f16(ggml_tensor * t, std::mt19937 & gen) {
 
 int main(int argc, char ** argv) {
     int threads = 2, reps = 20;
+    bool cold = false;
     std::vector<int> ctxs = {1024, 4096, 8192, 16384, 32768};
     std::vector<int> comps = {8, 16};
     std::vector<Dims> dims = {{64, 3, 3}, {128, 4, 8}};
@@ -111,6 +120,7 @@ int main(int argc, char ** argv) {
         else if (a == "--reps") reps = atoi(next());
         else if (a == "--ctx") ctxs = parse_ints(next());
         else if (a == "--compression") comps = parse_ints(next());
+        else if (a == "--cold") cold = true;
         else if (a == "--dims") {
             dims.clear();
             std::string s = next();
@@ -128,6 +138,7 @@ int main(int argc, char ** argv) {
 
     ggml_threadpool_params tpp = ggml_threadpool_params_default(threads);
     Runner run{ggml_threadpool_new(&tpp), threads, {}};
+    run.cold = cold;
     std::mt19937 gen(7);
 
     for (const Dims & dm : dims) {
