@@ -109,7 +109,7 @@ sparq_layout get_layout(const sparq_dims & d, int nth) {
     o.part        = take((size_t) nth * I * G * o.part_stride);
     // per thread: step-2 row block + G accumulators + mask block, q rows in f32, V row in f32,
     // the candidate list of the selection, the step-5 scores
-    o.per_thr     = align16(SPARQ_BLK * (G + 2) + G * d.D + d.Dv + S + G * (S / nth + 16));
+    o.per_thr     = align16(SPARQ_BLK * (G + 2) + G * d.D + d.Dv + S + G * (S / nth + 32));
     o.thr         = take((size_t) nth * o.per_thr);
     o.total       = off;
     return o;
@@ -498,7 +498,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     float       * qbuf     = thr + (G + 2)*SPARQ_BLK;              // G*D: the group's q rows in f32
     float       * vrow     = qbuf + G*d.D;                         // Dv
     uint32_t    * cand     = (uint32_t *) (vrow + d.Dv);           // S
-    float       * sc       = (float *) (cand + S);                 // G*(S/nth + 16): step-5 scores
+    float       * sc       = (float *) (cand + S);                 // G*(S/nth + 32): step-5 scores (two pieces of at most n/nth + 16 rows)
 
     auto item_coords = [&](int64_t it, int64_t & s, int64_t & b, int64_t & g) {
         g = it % d.n_head_kv; b = (it / d.n_head_kv) % d.n_batch; s = it / (d.n_head_kv * d.n_batch);
