@@ -2,7 +2,7 @@
 // of the kernel, straight from SPARQ.md (double precision, sorts instead of selections).
 //
 //   random cases    head dims 64/128/256, groups 1/3/4/8, several query rows with their own
-//                   visible lengths, 1-3 threads, F16 and F32 K/V, F16 and F32 masks
+//                   visible lengths, 1-3 threads, F16, F32 and Q8_0 K/V, F16 and F32 masks
 //   adversarial     ties in |q| and in scores, fully and partly masked rows, S < k, S = 1,
 //                   r = D, l = k, large magnitudes, no reallocation, no tau
 //   dense           k >= S and l = 0 equals plain softmax attention
@@ -161,8 +161,33 @@ void dense(const Case & c, const Data & d, int b, int h, std::vector<double> & o
     if (z > 0) for (double & o : out) o /= z;
 }
 
+// Q8_0 rows through ggml's quantizer; a row holding NaN gets NaN block scales (the quantizer
+// would turn NaN into finite values, and the poison test needs it to stay NaN)
+void set_q8_0(ggml_tensor * t, const std::vector<float> & v) {
+    const int64_t n = t->ne[0], rows = (int64_t) v.size()/n;
+    ggml_quantize_chunk(GGML_TYPE_Q8_0, v.data(), t->data, 0, rows, n, nullptr);
+    for (int64_t r = 0; r < rows; ++r) {
+        if (std::any_of(v.begin() + r*n, v.begin() + (r + 1)*n, [](float x) { return std::isnan(x); })) {
+            char * row = (char *) t->data + r*t->nb[1];
+            for (int64_t ib = 0; ib < n/32; ++ib) {
+                const ggml_fp16_t h = ggml_fp32_to_fp16(std::nanf(""));
+                memcpy(row + ib*ggml_type_size(GGML_TYPE_Q8_0), &h, sizeof(h));
+            }
+        }
+    }
+}
+
+// what a Q8_0 row holds after quantization
+void round_q8_0(std::vector<float> & v, int64_t n) {
+    std::vector<uint8_t> qb(ggml_row_size(GGML_TYPE_Q8_0, n)*(v.size()/n));
+    ggml_quantize_chunk(GGML_TYPE_Q8_0, v.data(), qb.data(), 0, (int64_t) v.size()/n, n, nullptr);
+    ggml_get_type_traits(GGML_TYPE_Q8_0)->to_float(qb.data(), v.data(), (int64_t) v.size());
+}
+
 void set_tensor(ggml_tensor * t, const std::vector<float> & v) {
-    if (t->type == GGML_TYPE_F16) {
+    if (t->type == GGML_TYPE_Q8_0) {
+        set_q8_0(t, v);
+    } else if (t->type == GGML_TYPE_F16) {
         ggml_fp32_to_fp16_row(v.data(), (ggml_fp16_t *) t->data, (int64_t) v.size());
     } else {
         memcpy(t->data, v.data(), v.size()*sizeof(float));
@@ -184,7 +209,9 @@ std::vector<float> run_op(const Case & c, const Data & d, const Data * poison = 
 
     ggml_tensor * k0 = ggml_new_tensor_4d(ctx, c.tkv, D, kv_size, c.Hkv, 1);
     ggml_tensor * v0 = ggml_new_tensor_4d(ctx, c.tkv, D, kv_size, c.Hkv, 1);
-    ggml_tensor * kt0 = ggml_new_tensor_4d(ctx, c.tkv, kv_size, D, c.Hkv, 1);
+    // K^T is F16 or F32; with Q8_0 K/V it is F32 (the cache's K^T mirror is F16, but F32 holds the
+    // dequantized values exactly, so the reference sees what the op sees)
+    ggml_tensor * kt0 = ggml_new_tensor_4d(ctx, c.tkv == GGML_TYPE_Q8_0 ? GGML_TYPE_F32 : c.tkv, kv_size, D, c.Hkv, 1);
     std::vector<float> kf((size_t) c.Hkv*kv_size*D, 0.0f), vf(kf.size(), 0.0f), ktf(kf.size(), 0.0f);
     for (int g = 0; g < c.Hkv; ++g) for (int p = 0; p < S; ++p) for (int j = 0; j < D; ++j) {
         kf[((size_t) g*kv_size + p)*D + j] = src.K[((size_t) g*S + p)*D + j];
@@ -235,6 +262,10 @@ Data make_data(const Case & c, std::mt19937 & gen, int mask_mode) {
     if (c.tkv == GGML_TYPE_F16) {  // the op sees f16 values: the reference must too
         for (float & x : d.K) x = round_f16(x);
         for (float & x : d.V) x = round_f16(x);
+    }
+    if (c.tkv == GGML_TYPE_Q8_0) {  // the same for Q8_0 rows
+        round_q8_0(d.K, D);
+        round_q8_0(d.V, D);
     }
     d.vmean.resize((size_t) c.nb*c.Hkv*D);
     for (float & x : d.vmean) x = nd(gen) * 0.1f;
@@ -342,7 +373,7 @@ int main() {
     // random cases
     for (int D : {64, 128, 256})
     for (int G : {1, 3, 4, 8})
-    for (ggml_type tkv : {GGML_TYPE_F16, GGML_TYPE_F32}) {
+    for (ggml_type tkv : {GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q8_0}) {
         Case c; c.D = D; c.G = G; c.tkv = tkv; c.what = "random";
         c.nb = 3; c.S = 700; c.r = D/8; c.k = 48; c.l = 12;
         c.threads = 1 + (D + G) % 3;
@@ -379,6 +410,7 @@ int main() {
         Case c; c.what = "poison"; c.D = D; c.G = G; c.S = 1500; c.r = std::max(4, D/12); c.k = 96; c.l = 24; c.threads = t;
         run_poison(c, gen);
         c.tkv = GGML_TYPE_F32; c.realloc = false; run_poison(c, gen);
+        c.tkv = GGML_TYPE_Q8_0; c.realloc = true; run_poison(c, gen);
     }
 
     printf("test-sparq-op: %d passed, %d failed\n", n_pass, n_fail);

@@ -17,12 +17,15 @@
 
 #include "sparq.h"
 
+#define GGML_COMMON_DECL_CPP
+#include "ggml-common.h"
 #include "ggml-cpu-impl.h"
 #include "ggml-cpu.h"
 #include "ggml-impl.h"
 #include "vec.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
@@ -143,11 +146,23 @@ double load_elem(const ggml_tensor * t, const char * p) {
                                     : (double) *(const float *) p;
 }
 
+// one K or V row (F16, F32 or Q8_0) in f32
+void load_row(const ggml_tensor * t, int64_t p, int64_t g, int64_t s, std::vector<float> & row) {
+    const char * src = (const char *) t->data + p*t->nb[1] + g*t->nb[2] + s*t->nb[3];
+    row.resize(t->ne[0]);
+    if (t->type == GGML_TYPE_F32) {
+        memcpy(row.data(), src, t->ne[0]*sizeof(float));
+    } else {
+        ggml_get_type_traits(t->type)->to_float(src, row.data(), t->ne[0]);
+    }
+}
+
 void sparq_attn_ref(const ggml_tensor * dst) {
     const ggml_tensor * q = dst->src[0];
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * v = dst->src[2];
     const ggml_tensor * mask = dst->src[3];
+    const ggml_tensor * kt = dst->src[4];
     const ggml_tensor * vmean = dst->src[5];
     const sparq_dims d = get_dims(dst);
     const bool realloc = d.flags & GGML_SPARQ_REALLOC;
@@ -156,12 +171,11 @@ void sparq_attn_ref(const ggml_tensor * dst) {
     auto qv = [&](int64_t j, int64_t b, int64_t h, int64_t s) {
         return (double) *(const float *) ((const char *) q->data + j*q->nb[0] + b*q->nb[1] + h*q->nb[2] + s*q->nb[3]);
     };
-    auto kv = [&](int64_t j, int64_t p, int64_t g, int64_t s) {
-        return load_elem(k, (const char *) k->data + j*k->nb[0] + p*k->nb[1] + g*k->nb[2] + s*k->nb[3]);
+    // step 2 reads K^T (component j of position p); steps 5-6 read whole K and V rows
+    auto ktv = [&](int64_t j, int64_t p, int64_t g, int64_t s) {
+        return load_elem(kt, (const char *) kt->data + p*kt->nb[0] + j*kt->nb[1] + g*kt->nb[2] + s*kt->nb[3]);
     };
-    auto vv = [&](int64_t j, int64_t p, int64_t g, int64_t s) {
-        return load_elem(v, (const char *) v->data + j*v->nb[0] + p*v->nb[1] + g*v->nb[2] + s*v->nb[3]);
-    };
+    std::vector<float> krow, vrow;
 
     for (int64_t s = 0; s < d.ne3; ++s)
     for (int64_t b = 0; b < d.n_batch; ++b)
@@ -200,13 +214,17 @@ void sparq_attn_ref(const ggml_tensor * dst) {
                 double mx = -INFINITY;
                 for (int64_t i = 0; i < n_vis; ++i) {
                     double dot = 0;
-                    for (int64_t j : order) dot += qv(j, b, h, s) * kv(j, vis[i], g, s);
+                    for (int64_t j : order) dot += qv(j, b, h, s) * ktv(j, vis[i], g, s);
                     lg[i] = dot * sc + mask_at(mask, mrow, vis[i]);
                     mx = std::max(mx, lg[i]);
                 }
                 double z = 0;
                 for (int64_t i = 0; i < n_vis; ++i) z += std::exp(lg[i] - mx);
-                for (int64_t i = 0; i < n_vis; ++i) { shat[hh][i] = std::exp(lg[i] - mx) / z; gsum[i] += shat[hh][i]; }
+                for (int64_t i = 0; i < n_vis; ++i) {
+                    const double e = std::exp(lg[i] - mx);  // numerators below FLT_MIN count as 0
+                    shat[hh][i] = e < FLT_MIN ? 0.0 : e / z;
+                    gsum[i] += shat[hh][i];
+                }
             }
             // local window: the last l visible positions; then the best of the rest
             std::vector<char> chosen(n_vis, 0);
@@ -227,15 +245,17 @@ void sparq_attn_ref(const ggml_tensor * dst) {
             std::vector<double> lg(sel.size()), y(d.Dv, 0.0);
             double mx = -INFINITY, z = 0;
             for (size_t i = 0; i < sel.size(); ++i) {
+                load_row(k, sel[i], g, s, krow);
                 double dot = 0;
-                for (int64_t j = 0; j < d.D; ++j) dot += qv(j, b, h, s) * kv(j, sel[i], g, s);
+                for (int64_t j = 0; j < d.D; ++j) dot += qv(j, b, h, s) * krow[j];
                 lg[i] = dot * d.scale + mask_at(mask, mrow, sel[i]);
                 mx = std::max(mx, lg[i]);
             }
             for (size_t i = 0; i < sel.size(); ++i) {
                 const double w = std::exp(lg[i] - mx);
                 z += w;
-                for (int64_t j = 0; j < d.Dv; ++j) y[j] += w * vv(j, sel[i], g, s);
+                load_row(v, sel[i], g, s, vrow);
+                for (int64_t j = 0; j < d.Dv; ++j) y[j] += w * vrow[j];
             }
             const float * vm = realloc ? (const float *) ((const char *) vmean->data + g*vmean->nb[1] + b*vmean->nb[2] + s*vmean->nb[3]) : nullptr;
             for (int64_t j = 0; j < d.Dv; ++j) {
@@ -457,6 +477,28 @@ inline void dot_group_f16(const ggml_fp16_t * kr, const float * q, int64_t D, in
         }
     }
 }
+
+// the same for a Q8_0 K row (D a multiple of 32): each 8 values are scaled once
+inline void dot_group_q8_0(const block_q8_0 * kr, const float * q, int64_t D, int64_t G, float * out) {
+    for (int64_t h0 = 0; h0 < G; h0 += 4) {
+        const int64_t ng = std::min<int64_t>(4, G - h0);
+        const float * q0 = q + h0*D;
+        __m256 a[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+        for (int64_t ib = 0; ib < D/QK8_0; ++ib) {
+            const __m256 dv = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(kr[ib].d));
+            for (int64_t j = 0; j < QK8_0; j += 8) {
+                const __m256 kv = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (kr[ib].qs + j)))));
+                for (int64_t h = 0; h < ng; ++h) a[h] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q0 + h*D + ib*QK8_0 + j), a[h]);
+            }
+        }
+        for (int64_t h = 0; h < ng; ++h) {
+            __m128 x = _mm_add_ps(_mm256_castps256_ps128(a[h]), _mm256_extractf128_ps(a[h], 1));
+            x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+            x = _mm_add_ss(x, _mm_movehdup_ps(x));
+            out[h0 + h] = _mm_cvtss_f32(x);
+        }
+    }
+}
 #endif
 
 void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
@@ -488,8 +530,11 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
     const int64_t G = d.G, S = d.n_kv, I = d.n_items;
     const bool realloc = d.flags & GGML_SPARQ_REALLOC;
     const bool no_tau  = d.flags & GGML_SPARQ_NO_TAU;
+    const bool kt_f16  = kt->type == GGML_TYPE_F16;
     const bool k_f16   = k->type == GGML_TYPE_F16;
     const bool v_f16   = v->type == GGML_TYPE_F16;
+    const bool k_q8    = k->type == GGML_TYPE_Q8_0;
+    const bool v_q8    = v->type == GGML_TYPE_Q8_0;
 
     // per-thread scratch
     float       * blk_row  = thr;                                  // SPARQ_BLK
@@ -599,7 +644,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
                 const int64_t j = ii[jj];
                 const char * ktrow = kt0 + j*kt->nb[1] + pa*kt->nb[0];
                 const float * row;
-                if (k_f16) {
+                if (kt_f16) {
                     ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) ktrow, blk_row, n);
                     row = blk_row;
                 } else {
@@ -631,7 +676,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         };
         int64_t n8 = 0;
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-        if (k_f16) {
+        if (kt_f16) {
             n8 = (c1 - c0) & ~int64_t(7);
             const ggml_fp16_t * rows[SPARQ_BLK];  // D <= SPARQ_BLK (supports_op)
             for (int32_t jj = 0; jj < d.r; ++jj) rows[jj] = (const ggml_fp16_t *) (kt0 + ii[jj]*kt->nb[1]);
@@ -690,6 +735,9 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
                     std::fill(Lh + c0, Lh + c1, 0.0f);
                 } else {
                     z = ggml_vec_soft_max_f32((int) (c1 - c0), Lh + c0, Lh + c0, M[hh]);
+                    // numerators below the smallest normal float are 0, whatever the exp gives
+                    // there (subnormal or 0): ties at 0 then go to the lower position
+                    for (int64_t p = c0; p < c1; ++p) Lh[p] = Lh[p] < FLT_MIN ? 0.0f : Lh[p];
                 }
             }
             psum[((size_t) ith*I + it)*G + hh] = (float) z;
@@ -765,7 +813,7 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
         float * P = part + ((size_t) ith*I + it)*G*o.part_stride;
         const int64_t na = (a1 - a0) + (w1 - w0);
         // pass 1: the scores of this thread's rows, per head (row-major: sc[hh*na + i])
-        const size_t krow_bytes = d.D*ggml_type_size(k->type), vrow_bytes = d.Dv*ggml_type_size(v->type);
+        const size_t krow_bytes = ggml_row_size(k->type, d.D), vrow_bytes = ggml_row_size(v->type, d.Dv);
         const char * kbase = (const char *) k->data + g*k->nb[2] + s*k->nb[3];  // this KV head's rows
         const char * vbase = (const char *) v->data + g*v->nb[2] + s*v->nb[3];
         for (int64_t i = 0; i < na; ++i) {
@@ -779,11 +827,14 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
             if (k_f16 && d.D % 8 == 0) {
                 dot_group_f16((const ggml_fp16_t *) krow, qbuf, d.D, G, dots);
+            } else if (k_q8) {
+                dot_group_q8_0((const block_q8_0 *) krow, qbuf, d.D, G, dots);
             } else
 #endif
             {
                 const float * kr = (const float *) krow;
                 if (k_f16) { ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) krow, blk_row, d.D); kr = blk_row; }
+                if (k_q8)  { ggml_get_type_traits(k->type)->to_float(krow, blk_row, d.D); kr = blk_row; }
                 for (int64_t hh = 0; hh < G; ++hh) ggml_vec_dot_f32((int) d.D, &dots[hh], 0, kr, 0, qbuf + hh*d.D, 0, 1);
             }
             for (int64_t hh = 0; hh < G; ++hh) sc[hh*na + i] = dots[hh]*d.scale + mv;
@@ -823,8 +874,23 @@ void sparq_attn_fast(const ggml_compute_params * params, ggml_tensor * dst) {
                 }
                 continue;
             }
+            if (v_q8) {  // scale each 8 values once, for all heads of the group
+                const block_q8_0 * vb = (const block_q8_0 *) vsrc;
+                for (int64_t ib = 0; ib < d.Dv/QK8_0; ++ib) {
+                    const __m256 dv = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(vb[ib].d));
+                    for (int64_t j = 0; j < QK8_0; j += 8) {
+                        const __m256 vv = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (vb[ib].qs + j)))));
+                        for (int64_t hh = 0; hh < G; ++hh) {
+                            float * a = P + hh*o.part_stride + 3 + ib*QK8_0 + j;
+                            _mm256_storeu_ps(a, _mm256_fmadd_ps(vv, _mm256_set1_ps(sc[hh*na + i]), _mm256_loadu_ps(a)));
+                        }
+                    }
+                }
+                continue;
+            }
 #endif
             if (v_f16) ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vsrc, vrow, d.Dv);
+            else if (v_q8) ggml_get_type_traits(v->type)->to_float(vsrc, vrow, d.Dv);
             else memcpy(vrow, vsrc, d.Dv*sizeof(float));
             for (int64_t hh = 0; hh < G; ++hh) {
                 ggml_vec_mad_f32((int) d.Dv, P + hh*o.part_stride + 3, vrow, sc[hh*na + i]);
@@ -880,11 +946,15 @@ bool ggml_sparq_attn_supported(const struct ggml_tensor * op) {
         return false;
     }
     const ggml_tensor * q = op->src[0], * k = op->src[1], * v = op->src[2], * mask = op->src[3], * kt = op->src[4];
-    auto ok_kv = [](const ggml_tensor * t) {
+    // K^T in F16 or F32; K and V rows also in Q8_0 (whole blocks per row)
+    auto ok_kv = [](const ggml_tensor * t, bool q8) {
+        if (q8 && t->type == GGML_TYPE_Q8_0) {
+            return t->ne[0] % QK8_0 == 0 && t->nb[0] == ggml_type_size(t->type);
+        }
         return (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_F32) && t->nb[0] == ggml_type_size(t->type);
     };
-    return q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) && ok_kv(k) && ok_kv(kt) && ok_kv(v) &&
-           k->type == kt->type && op->type == GGML_TYPE_F32 &&
+    return q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) && ok_kv(k, true) && ok_kv(kt, false) && ok_kv(v, true) &&
+           op->type == GGML_TYPE_F32 &&
            (mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32) &&
            q->ne[2] / k->ne[2] <= 64 && q->ne[0] <= SPARQ_BLK && v->ne[0] <= SPARQ_BLK;
 }

@@ -6,13 +6,15 @@
 //   2. per head, s_hat = softmax(q[i1] . K^T[i1, :] * scale / sqrt(|q[i1]|_1 / |q|_1) + mask)
 //      over the visible positions (reads r rows of K^T, positions contiguous);
 //   3. i2 = the last l visible positions plus the top (k - l) of the group's summed s_hat among
-//      the others (O(S) radix selection; ties go to the lower position; scores are fp32, so
-//      scores that underflow to 0 tie);
+//      the others (O(S) radix selection; ties go to the lower position; scores are fp32, and
+//      softmax numerators exp(. - max) below FLT_MIN count as 0, so such positions tie);
 //   4. alpha = sum of s_hat over i2, per head;
 //   5. per head, exact softmax attention over the rows i2 of K and V;
 //   6. y = alpha * y_sparse + (1 - alpha) * vmean  (alpha = 1 without GGML_SPARQ_REALLOC).
 // When k >= the number of visible positions, every visible row is used and alpha = 1: the
 // result is dense attention, and steps 1-4 are skipped.
+// Types: K^T in F16 or F32 (step 2 reads it); K and V in F16, F32 or Q8_0 (steps 5-6 read whole
+// rows; Q8_0 rows are dequantized, q stays in f32).
 #pragma once
 
 #include "ggml.h"
