@@ -106,6 +106,7 @@ struct llama_sparq_access {
     }
     static const llama_kv_cells & cells(const llama_kv_cache & kv, uint32_t strm) { return kv.v_cells[strm]; }
     static bool shares_cells(const llama_kv_cache & kv) { return kv.other != nullptr; }
+    static bool & attn_rot_k(llama_kv_cache & kv) { return kv.attn_rot_k; }
 
     static llama_kv_cache * kv(const llama_kv_cache_context * mctx) { return mctx->kv; }
     static const llama_kv_cache::slot_info & sinfo(const llama_kv_cache_context * mctx) { return mctx->sinfos[mctx->i_cur]; }
@@ -167,6 +168,25 @@ static llama_kv_cache * sparq_cache(const llama_context * ctx, int32_t * n_layer
     return nullptr;
 }
 
+// the K^T mirror's type: F32 for an F32 cache, F16 otherwise (a quantized K's mirror cannot be
+// written one element at a time, and step 2 only needs approximate scores)
+static ggml_type sparq_mirror_type(ggml_type type_k) {
+    return type_k == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+}
+
+static bool sparq_kv_type_ok(ggml_type t) {
+    return t == GGML_TYPE_F16 || t == GGML_TYPE_F32 || t == GGML_TYPE_Q8_0;
+}
+
+// n_rows contiguous K or V rows of n values each, in f32
+static void sparq_rows_f32(ggml_type type, const void * src, int64_t n_rows, int64_t n, float * dst) {
+    if (type == GGML_TYPE_F32) {
+        memcpy(dst, src, (size_t) n_rows*n*sizeof(float));
+    } else {
+        ggml_get_type_traits(type)->to_float(src, dst, n_rows*n);
+    }
+}
+
 // why layer ikv cannot take SparQ, or nullptr
 static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ikv) {
     const auto & hp = A::hparams(kv);
@@ -176,8 +196,8 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
     if (v == nullptr) {
         return "no V cache (MLA)";
     }
-    if ((k->type != GGML_TYPE_F16 && k->type != GGML_TYPE_F32) || (v->type != GGML_TYPE_F16 && v->type != GGML_TYPE_F32)) {
-        return "KV cache type (F16 and F32 supported)";
+    if (!sparq_kv_type_ok(k->type) || !sparq_kv_type_ok(v->type)) {
+        return "KV cache type (F16, F32 and Q8_0 supported)";
     }
     if (hp.attn_soft_cap || hp.f_max_alibi_bias != 0.0f) {
         return "attention soft-capping or ALiBi";
@@ -203,7 +223,7 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
     const int64_t d = hp.n_embd_head_k(il), n = 256;
     ggml_tensor * q  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, d, 1, n_head, 1);
     ggml_tensor * kk = ggml_new_tensor_4d(ctx.get(), k->type, d, n, n_head_kv, 1);
-    ggml_tensor * kt = ggml_new_tensor_4d(ctx.get(), k->type, n, d, n_head_kv, 1);
+    ggml_tensor * kt = ggml_new_tensor_4d(ctx.get(), sparq_mirror_type(k->type), n, d, n_head_kv, 1);
     ggml_tensor * vv = ggml_new_tensor_4d(ctx.get(), v->type, d, n, n_head_kv, 1);
     ggml_tensor * vm = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, d, n_head_kv, 1, 1);
     ggml_tensor * m  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F16, n, 1, 1, 1);
@@ -317,7 +337,7 @@ static bool sparq_alloc_mirror(llama_sparq_kv & st, const llama_kv_cache & kv, c
             ggml_init_params ip = { n_layers*ggml_tensor_overhead(), nullptr, true };
             it = ctxs.emplace(buft, ggml_context_ptr(ggml_init(ip))).first;
         }
-        ggml_tensor * kt = ggml_new_tensor_3d(it->second.get(), k->type, k->ne[1], k->ne[0], k->ne[2]);
+        ggml_tensor * kt = ggml_new_tensor_3d(it->second.get(), sparq_mirror_type(k->type), k->ne[1], k->ne[0], k->ne[2]);
         ggml_format_name(kt, "sparq_kt_l%d", A::il(kv, ikv));
         st.kt[ikv] = kt;
         st.vsum_off[ikv] = st.vsum_size;
@@ -423,6 +443,27 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     if (realloc && !st.realloc) {
         st.v_dirty = true; // the sums were not kept up to date while reallocation was off
     }
+    // A quantized cache makes upstream rotate Q and K by a Hadamard matrix, which spreads q's mass
+    // evenly over the components; step 1 keeps the r largest |q_i| and relies on that mass being
+    // uneven. Measured (scripts/eval_kv_rotation.py, SmolLM2, q8_0, 1/8): KL to dense 0.074 with
+    // the rotation, 0.023 without; dense q8_0 itself is no worse without it. The rotation is the
+    // cache's (K is stored rotated), so it can only be dropped while the cache holds nothing.
+    if (A::attn_rot_k(*kv)) {
+        bool empty = true;
+        for (uint32_t s = 0; s < kv->get_n_stream(); ++s) {
+            empty = empty && A::cells(*kv, s).get_used() == 0;
+        }
+        if (empty) {
+            A::attn_rot_k(*kv) = false;
+            LLAMA_LOG_INFO("%s: Hadamard rotation of Q and K turned off for this cache (it spreads q over "
+                    "all components, which SparQ's component choice relies on not happening)\n", __func__);
+        } else {
+            LLAMA_LOG_WARN("%s: the cache already holds Hadamard-rotated keys, so SparQ picks components "
+                    "in the rotated basis (less accurate); set SparQ before the first decode, or set "
+                    "LLAMA_ATTN_ROT_DISABLE=1, to keep the rotation off\n", __func__);
+        }
+    }
+
     st.params   = *params;
     st.realloc  = realloc;
     st.min_ctx  = params->min_ctx == -1 ? SPARQ_DEFAULT_MIN_CTX : params->min_ctx;
@@ -525,28 +566,57 @@ int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_
     const uint32_t kv_size = kv->get_size();
     int64_t n_bad = 0;
     std::vector<uint8_t> kbuf, tbuf, vbuf;
-    std::vector<float> row;
+    std::vector<float> row, kf, tf;
     for (size_t ikv = 0; ikv < st.kt.size(); ++ikv) {
         ggml_tensor * kt = st.kt[ikv];
         if (kt == nullptr) {
             continue;
         }
         ggml_tensor * k = A::k(*kv, ikv);
-        const size_t ts = ggml_type_size(k->type);
+        const int64_t n_embd = k->ne[0];
         kbuf.resize(ggml_nbytes(k));
         tbuf.resize(ggml_nbytes(kt));
         ggml_backend_tensor_get(k, kbuf.data(), 0, kbuf.size());
         ggml_backend_tensor_get(kt, tbuf.data(), 0, tbuf.size());
+        if (k->type == kt->type) {
+            // the mirror holds K's own values: bit for bit
+            const size_t ts = ggml_type_size(k->type);
+            for (uint32_t s = 0; s < kv->get_n_stream(); ++s) {
+                const auto & cells = A::cells(*kv, s);
+                for (uint32_t c = 0; c < cells.used_max_p1(); ++c) {
+                    if (cells.is_empty(c)) {
+                        continue;
+                    }
+                    for (int64_t j = 0; j < n_embd; ++j) {
+                        const uint8_t * a = kbuf.data() + ((size_t) s*kv_size + c)*k->nb[1] + j*ts;
+                        const uint8_t * b = tbuf.data() + (((size_t) s*n_embd + j)*kv_size + c)*ts;
+                        n_bad += memcmp(a, b, ts) != 0;
+                    }
+                }
+            }
+            continue;
+        }
+        // quantized K, F16 mirror written from the same unquantized K: they agree to within half a
+        // quantization step of K's block (its largest |value| / 127 for Q8_0) plus f16 rounding
+        kf.resize((size_t) n_embd);
+        tf.resize(ggml_nelements(kt));
+        sparq_rows_f32(kt->type, tbuf.data(), ggml_nrows(kt), kt->ne[0], tf.data());
+        const int64_t blk = ggml_blck_size(k->type);
         for (uint32_t s = 0; s < kv->get_n_stream(); ++s) {
             const auto & cells = A::cells(*kv, s);
             for (uint32_t c = 0; c < cells.used_max_p1(); ++c) {
                 if (cells.is_empty(c)) {
                     continue;
                 }
-                for (int64_t j = 0; j < k->ne[0]; ++j) {
-                    const uint8_t * a = kbuf.data() + ((size_t) s*kv_size + c)*k->nb[1] + j*ts;
-                    const uint8_t * b = tbuf.data() + (((size_t) s*k->ne[0] + j)*kv_size + c)*ts;
-                    n_bad += memcmp(a, b, ts) != 0;
+                sparq_rows_f32(k->type, kbuf.data() + ((size_t) s*kv_size + c)*k->nb[1], 1, n_embd, kf.data());
+                for (int64_t j0 = 0; j0 < n_embd; j0 += blk) {
+                    float amax = 0.0f;
+                    for (int64_t j = j0; j < j0 + blk; ++j) amax = std::max(amax, std::fabs(kf[j]));
+                    for (int64_t j = j0; j < j0 + blk; ++j) {
+                        const float m = tf[((size_t) s*n_embd + j)*kv_size + c];
+                        const float tol = 0.5f*amax/127.0f*1.01f + std::fabs(kf[j])/1024.0f + 1e-6f;
+                        n_bad += !(std::fabs(m - kf[j]) <= tol);
+                    }
                 }
             }
         }
@@ -711,13 +781,14 @@ void llm_graph_input_sparq::add_row(const llama_kv_cache & kv, uint32_t strm, ui
 void llm_graph_input_sparq::rebuild_mirror(const llama_kv_cache & kv) {
     const uint32_t kv_size = kv.get_size();
     std::vector<uint8_t> kbuf, tbuf;
+    std::vector<float> kf;
     for (size_t ikv = 0; ikv < st->kt.size(); ++ikv) {
         ggml_tensor * kt = st->kt[ikv];
         if (kt == nullptr) {
             continue;
         }
         ggml_tensor * k = A::k(kv, ikv);
-        const size_t ts = ggml_type_size(k->type);
+        const size_t ts = ggml_type_size(kt->type);
         const int64_t n_embd = k->ne[0];
         for (uint32_t s = 0; s < kv.get_n_stream(); ++s) {
             const uint32_t n = A::cells(kv, s).used_max_p1();
@@ -726,10 +797,17 @@ void llm_graph_input_sparq::rebuild_mirror(const llama_kv_cache & kv) {
             }
             kbuf.resize((size_t) n*k->nb[1]);
             ggml_backend_tensor_get(k, kbuf.data(), (size_t) s*kv_size*k->nb[1], kbuf.size());
+            if (k->type != kt->type) {  // quantized K: its values in f32, then the mirror's type (F16)
+                kf.resize((size_t) n*n_embd);
+                sparq_rows_f32(k->type, kbuf.data(), n, n_embd, kf.data());
+                kbuf.resize(kf.size()*ts);
+                ggml_fp32_to_fp16_row(kf.data(), (ggml_fp16_t *) kbuf.data(), (int64_t) kf.size());
+            }
+            const size_t row = (size_t) n_embd*ts;  // bytes of one cell's K in kbuf
             tbuf.resize((size_t) n*ts);
             for (int64_t j = 0; j < n_embd; ++j) {
                 for (uint32_t c = 0; c < n; ++c) {
-                    memcpy(tbuf.data() + c*ts, kbuf.data() + c*k->nb[1] + j*ts, ts);
+                    memcpy(tbuf.data() + c*ts, kbuf.data() + c*row + j*ts, ts);
                 }
                 ggml_backend_tensor_set(kt, tbuf.data(), ((size_t) s*n_embd + j)*kv_size*ts, tbuf.size());
             }
