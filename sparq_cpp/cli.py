@@ -54,9 +54,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
              if getattr(args, f"sparq_{a}") is not None}
     if args.sparq_realloc is not None:
         sparq["sparq_realloc"] = args.sparq_realloc == "on"
+    from sparq_cpp.bench import cache_type
+
+    # llama.cpp stores a quantized V only with flash attention on
     llm = Llama(model_path=path, n_ctx=args.ctx_size, n_threads=args.threads,
                 n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=args.verbose,
-                flash_attn=args.flash_attn or bool(sparq), **sparq)
+                flash_attn=args.flash_attn or bool(sparq) or args.cache_type_v == "q8_0",
+                type_k=cache_type(args.cache_type_k), type_v=cache_type(args.cache_type_v), **sparq)
     sampling = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                     top_p=args.top_p, stream=True)
     if args.file:
@@ -91,7 +95,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for s in settings:
         bench.parse_setting(s)  # ValueError before any work
     out = args.output or f"results/bench_{Path(args.model).stem}"  # relative to the working directory
-    bench.run(args.model, depths, settings, args.threads, args.n_gen, args.reps, out, plot=not args.no_plot)
+    bench.run(args.model, depths, settings, args.threads, args.n_gen, args.reps, out, plot=not args.no_plot,
+              cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     return 0
 
 
@@ -111,7 +116,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown --parts {', '.join(sorted(bad))} (tf, needle, repeat)")
     out = args.output or f"results/eval_{'_'.join(Path(m).stem for m in models)}"
     ev.run(models, per_model(args.contexts, [2048, 4096, 8192], [16384]), per_model(args.needle_contexts, [2048, 4096, 8192]),
-           args.n_tokens, args.threads, out, parts=parts)
+           args.n_tokens, args.threads, out, parts=parts, cache_type_k=args.cache_type_k,
+           cache_type_v=args.cache_type_v)
     return 0
 
 
@@ -122,6 +128,14 @@ def _fraction(text: str) -> float:
         return parse_fraction(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cache_type_args(p: argparse.ArgumentParser) -> None:
+    from sparq_cpp.bench import CACHE_TYPES
+
+    p.add_argument("-ctk", "--cache-type-k", choices=CACHE_TYPES, default="f16", help="KV cache type for K")
+    p.add_argument("-ctv", "--cache-type-v", choices=CACHE_TYPES, default="f16",
+                   help="KV cache type for V (quantized: flash attention on, the only dense path then)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-s", "--seed", type=int, default=0xFFFFFFFF)
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     g.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention (on whenever SparQ is)")
+    _cache_type_args(g)
     s = g.add_argument_group("SparQ (none given: dense attention)")
     s.add_argument("--sparq-k", type=int, default=None, help="positions read exactly per generated token")
     s.add_argument("--sparq-compression", type=_fraction, default=None,
@@ -165,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-r", "--reps", type=int, default=5, help="runs per setting and depth (median)")
     b.add_argument("-o", "--output", default=None, help="output prefix for .json and .png (default results/bench_<model>)")
     b.add_argument("--no-plot", action="store_true")
+    _cache_type_args(b)
     b.set_defaults(func=_cmd_bench)
 
     e = sub.add_parser("eval", help="accuracy against dense: teacher forcing, needle, repetition, window baseline")
@@ -177,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-t", "--threads", type=int, default=2)
     e.add_argument("--parts", default="tf,needle,repeat", help="which evaluations: tf,needle,repeat")
     e.add_argument("-o", "--output", default=None, help="output prefix for .json and .png (default results/eval_<models>)")
+    _cache_type_args(e)
     e.set_defaults(func=_cmd_eval)
 
     # listed for --help only: main() hands everything after `serve` to the server's own parser

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ._lib import llama_cpp
-from .bench import _Ctx, run_info, save_outputs
+from .bench import _Ctx, cache_type, run_info, save_outputs, sparq_ready
 
 COMPRESSIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -66,11 +66,14 @@ def last_logits(llm) -> np.ndarray:
 class _Model(_Ctx):
     """One flash-attention context, decoded token by token; logits of the last token only."""
 
-    def __init__(self, name: str, n_ctx: int, threads: int):
+    def __init__(self, name: str, n_ctx: int, threads: int, type_k: str = "f16", type_v: str = "f16",
+                 keep_rotation: bool = False):
         from .llama import Llama
 
         super().__init__(Llama(name, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                               flash_attn=True, verbose=False))
+                               flash_attn=True, verbose=False, type_k=cache_type(type_k), type_v=cache_type(type_v)))
+        if not keep_rotation:  # keep_rotation: a quantized cache's Hadamard rotation stays on (a measurement)
+            sparq_ready(self.llm)
         md = self.llm.metadata
         arch = md["general.architecture"]
         key_length = md.get(f"{arch}.attention.key_length")
@@ -127,17 +130,18 @@ def _essay_tokens(llm) -> List[int]:
 
 def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict[str, List[int]],
         n_tokens: int, threads: int, out: Optional[str], parts=("tf", "needle", "repeat"),
-        progress: bool = True) -> dict:
+        progress: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16") -> dict:
     from tqdm import tqdm
 
     from .sparq import SparqParams
 
-    result = {**run_info(), "threads": threads, "n_tokens": n_tokens, "tf": [], "needle": [], "repeat": []}
+    result = {**run_info(), "threads": threads, "n_tokens": n_tokens, "cache_type_k": cache_type_k,
+              "cache_type_v": cache_type_v, "tf": [], "needle": [], "repeat": []}
     for name in models:
         ctxs = contexts[name] if "tf" in parts else []
         nctxs = needle_contexts[name] if ("needle" in parts or "repeat" in parts) else []
         n_ctx = max(ctxs + nctxs) + n_tokens + 128
-        m = _Model(name, n_ctx, threads)
+        m = _Model(name, n_ctx, threads, cache_type_k, cache_type_v)
         toks = _essay_tokens(m.llm)
         bos = [m.llm.token_bos()] if m.llm._model.add_bos_token() else []
         if len(toks) < n_ctx:
