@@ -126,19 +126,27 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
     fa_off = _Ctx(Llama(model, **common)) if cache_type_v in ("f16", "f32") else None
     fa_on = _Ctx(Llama(model, flash_attn=True, **common))
     sparq_ready(fa_on.llm)
+    # another cache type than f16: the default f16 cache's dense paths are what a user could run
+    # instead, so they run here too and count for "best dense"
+    ref = []
+    if (cache_type_k, cache_type_v) != ("f16", "f16"):
+        f16 = dict(common, type_k=cache_type("f16"), type_v=cache_type("f16"))
+        ref = [("dense f16 FA off", _Ctx(Llama(model, **f16))), ("dense f16 FA on", _Ctx(Llama(model, flash_attn=True, **f16)))]
     toks = fa_on.llm.tokenize(text.encode())
     if len(toks) < max(depths) + n_gen:
         raise ValueError(f"the essays give {len(toks)} tokens, fewer than depth {max(depths)} + {n_gen}")
 
     # (label, context, sparq kwargs); dense appears twice: flash attention off and on
-    runs = ([("dense FA off", fa_off, None)] if fa_off else []) + [("dense FA on", fa_on, None)]
+    kv = "" if not ref else (cache_type_k if cache_type_k == cache_type_v else f"{cache_type_k}/{cache_type_v}") + " "
+    runs = ([(f"dense {kv}FA off", fa_off, None)] if fa_off else []) + [(f"dense {kv}FA on", fa_on, None)]
+    runs += [(lab, c, None) for lab, c in ref]
     runs += [(f"SparQ {lab}", fa_on, kw) for lab, kw in parsed if kw is not None]
 
     rows = []
     bar = tqdm(total=len(depths) * reps * len(runs), desc=f"bench {model}", file=sys.stderr, disable=not progress)
     for depth in depths:
         bar.set_postfix_str(f"depth {depth}: prefill")
-        for c in (fa_off, fa_on):
+        for c in [fa_off, fa_on] + [c for _, c in ref]:
             if c:
                 c.prefill(toks[:depth])
         gen = toks[depth:depth + n_gen]
@@ -165,6 +173,8 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
                          "sparq_token_fraction": sparq_tok.get(lab)})
     bar.close()
     fa_on.llm.set_sparq(None)
+    for _, c in ref:
+        c.llm.close()
 
     result = {
         **run_info(), "model": model, "threads": threads, "n_gen": n_gen, "reps": reps, "depths": depths,
