@@ -50,6 +50,11 @@ def cache_type(name: str) -> int:
     return getattr(llama_cpp, f"GGML_TYPE_{name.upper()}")
 
 
+def quantized(name: str) -> bool:
+    """A quantized cache type: llama.cpp stores such a V only with flash attention on."""
+    return name not in ("f16", "f32")
+
+
 def sparq_ready(llm) -> None:
     """Sets SparQ once on a fresh context and back to dense, as a user passing ``sparq_*`` to the
     constructor does: with a quantized cache that turns off llama.cpp's Hadamard rotation of Q and
@@ -123,7 +128,7 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
     common = dict(n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                   verbose=False, type_k=cache_type(cache_type_k), type_v=cache_type(cache_type_v))
     # llama.cpp stores a quantized V only with flash attention on: then that is the one dense path
-    fa_off = _Ctx(Llama(model, **common)) if cache_type_v in ("f16", "f32") else None
+    fa_off = None if quantized(cache_type_v) else _Ctx(Llama(model, **common))
     fa_on = _Ctx(Llama(model, flash_attn=True, **common))
     sparq_ready(fa_on.llm)
     # another cache type than f16: the default f16 cache's dense paths are what a user could run

@@ -54,12 +54,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
              if getattr(args, f"sparq_{a}") is not None}
     if args.sparq_realloc is not None:
         sparq["sparq_realloc"] = args.sparq_realloc == "on"
-    from sparq_cpp.bench import cache_type
+    from sparq_cpp.bench import cache_type, quantized
 
-    # llama.cpp stores a quantized V only with flash attention on
     llm = Llama(model_path=path, n_ctx=args.ctx_size, n_threads=args.threads,
                 n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=args.verbose,
-                flash_attn=args.flash_attn or bool(sparq) or args.cache_type_v == "q8_0",
+                flash_attn=args.flash_attn or bool(sparq) or quantized(args.cache_type_v),
                 type_k=cache_type(args.cache_type_k), type_v=cache_type(args.cache_type_v), **sparq)
     sampling = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                     top_p=args.top_p, stream=True)

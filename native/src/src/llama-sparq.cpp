@@ -543,11 +543,7 @@ static void sparq_v_row_f32(const ggml_tensor * v, size_t offs, std::vector<uint
         src = raw.data();
     }
     row.resize(n);
-    if (v->type == GGML_TYPE_F32) {
-        memcpy(row.data(), src, n*sizeof(float));
-    } else {
-        ggml_get_type_traits(v->type)->to_float(src, row.data(), n);
-    }
+    sparq_rows_f32(v->type, src, 1, n, row.data());
 }
 
 int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v) {
