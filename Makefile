@@ -5,6 +5,7 @@
 #   make build     (re)build the native library into sparq_cpp/lib (incremental)
 #   make bench-op  the SparQ op benchmark against dense attention (scripts/bench_op.py)
 #   make sanitize  AddressSanitizer + UBSan build (build/sanitize), then the op and cache tests on it
+#   make test-avx2 the whole test suite again on an AVX2-only build (build/avx2, AVX-512 off)
 #   make clean     remove the build folder and the staged libraries (keeps .venv and caches)
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ UP_PKG := $(call upstream,SPARQ_UPSTREAM_PACKAGE)
 UP_VER := $(call upstream,SPARQ_UPSTREAM_VERSION)
 UP_SHA := $(call upstream,SPARQ_UPSTREAM_SHA256)
 
-.PHONY: setup build demo test bench-op sanitize clean
+.PHONY: setup build demo test test-avx2 bench-op sanitize clean
 
 # The virtual environment: re-created when missing or broken, refreshed when the pinned
 # requirements change. llama-cpp-python is installed from the same pinned source tarball as our
@@ -67,6 +68,22 @@ sanitize: $(STAMP)
 	$(SAN_ENV) SPARQ_CPP_LIB_DIR=$(SAN_DIR)/lib $(VPY) -m pytest -p no:cacheprovider \
 	  tests/test_sparq_fuzz.py tests/test_robustness.py tests/test_sparq.py \
 	  -k "fuzz or batched or settings_changed or cache_operations or seq_cp or turning or c_api or one_eighth"
+
+# The same suite on a library built for an AVX2 laptop (no AVX-512, whatever this CPU has), in its
+# own folder; the package is pointed at it with SPARQ_CPP_LIB_DIR, the op tests with
+# SPARQ_CPP_BIN_DIR. `sparq-cpp info` must then report AVX512 = 0. Not part of `make test`.
+AVX2_DIR   := build/avx2
+AVX2_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+              -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF
+AVX2_ENV   := SPARQ_CPP_LIB_DIR=$(abspath $(AVX2_DIR))/lib SPARQ_CPP_BIN_DIR=$(abspath $(AVX2_DIR))/bin
+test-avx2: $(STAMP)
+	cmake -S . -B $(AVX2_DIR) -G Ninja -DSPARQ_BUILD_TESTS=ON $(AVX2_FLAGS) -DSPARQ_STAGE_DIR=$(abspath $(AVX2_DIR))/lib \
+	  -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(abspath $(VPY))
+	cmake --build $(AVX2_DIR) -j $(JOBS)
+	$(AVX2_ENV) $(VENV)/bin/sparq-cpp info | tee $(AVX2_DIR)/info.txt
+	@grep -q "AVX2 = 1" $(AVX2_DIR)/info.txt && ! grep -q "AVX512 = 1" $(AVX2_DIR)/info.txt || \
+	  { echo "test-avx2: the library in $(AVX2_DIR)/lib is not an AVX2-only build"; exit 1; }
+	$(AVX2_ENV) $(VPY) -m pytest tests
 
 clean:
 	rm -rf build sparq_cpp/lib

@@ -15,7 +15,8 @@ def test_loaded_library_is_ours():
     import llama_cpp
 
     loaded = Path(llama_cpp.llama_cpp._lib._name).resolve()
-    lib_dir = (Path(sparq_cpp.__file__).parent / "lib").resolve()
+    # the package's own lib folder, or the build that SPARQ_CPP_LIB_DIR names (make test-avx2)
+    lib_dir = Path(os.environ.get("SPARQ_CPP_LIB_DIR") or Path(sparq_cpp.__file__).parent / "lib").resolve()
     assert loaded.parent == lib_dir, loaded
     assert loaded == sparq_cpp.LIB_PATH.resolve()
     assert sparq_cpp.sparq_version().startswith("sparq-cpp ")

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-BIN = Path(__file__).resolve().parents[1] / "build" / "native" / "bin"
+import os
+
+# the op tests of the build under test: `make test-avx2` points SPARQ_CPP_BIN_DIR at its own build
+BIN = Path(os.environ.get("SPARQ_CPP_BIN_DIR") or Path(__file__).resolve().parents[1] / "build" / "native" / "bin")
 
 
 def _run(exe, *args, timeout=600):

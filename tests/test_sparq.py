@@ -67,6 +67,11 @@ def _greedy(llm, prompt, n):
     return toks, np.array(logits)
 
 
+def _first_parting(toks, ref_toks):
+    """Index of the first step where two greedy token lists differ, or their length."""
+    return next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), len(toks))
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_k_at_least_context_equals_dense(name, essay_text):
     llm = _llm(name)
@@ -82,12 +87,26 @@ def test_k_at_least_context_equals_dense(name, essay_text):
     assert st["n_tokens_sparq"] == 63, st
     both = np.vstack([dense_logits[:1], logits])  # row 0: the prompt's last token, dense prefill
     assert np.abs(both - dense_logits).max() < ROUNDING[name]
-    if name == "smollm2-135m":
-        # greedy generation itself is identical (64 tokens). gemma3-270m meets a near tie at its
-        # second token (top-2 logits 17.92 / 17.99) where dense FA off departs from dense FA on
-        # too, so only the bound above is asserted for it.
-        toks, _ = _greedy(llm, prompt, 64)
-        assert toks == dense_toks
+
+    # Greedy generation with SparQ follows dense's tokens. Two paths equal to rounding can part
+    # only where dense's top choice and SparQ's are closer than the rounding: which way such a
+    # near tie breaks depends on the CPU's instruction set (dense flash attention uses AVX-512
+    # where the CPU has it, the SparQ kernel AVX2), so the test asserts what holds on every
+    # CPU: the logits equal dense's to rounding up to and including the first step where the
+    # tokens part, and there dense's own margin between the two tokens is below the rounding.
+    # Measured: smollm2-135m identical for 64 tokens on an AVX2 CPU and parting at token 49 on
+    # an AVX-512 one; gemma3-270m parting at its second token (dense top-2 17.92 / 17.99).
+    toks, greedy_logits = _greedy(llm, prompt, 64)
+    n = _first_parting(toks, dense_toks)
+    upto = min(n + 1, len(toks))
+    diff = np.abs(greedy_logits[:upto] - dense_logits[:upto]).max()
+    if n < len(toks):
+        margin = dense_logits[n][dense_toks[n]] - dense_logits[n][toks[n]]
+        print(f"{name}: greedy parts from dense at token {n}, dense margin {margin:.3f}, max |diff| {diff:.3f}")
+        assert 0 <= margin < ROUNDING[name]
+    else:
+        print(f"{name}: greedy equals dense for {n} tokens, max |diff| {diff:.3f}")
+    assert diff < ROUNDING[name]
 
 
 def _agreement_and_ppl_ratio(dense, sparq, cont):
