@@ -21,7 +21,7 @@ struct llama_sparq_params {
     float   compression; // target fraction of dense attention's K/V reads, in (0, 1]; 0: fixed k
     int32_t r;           // query components for the approximate scores, 1..head size; 0: default
     int32_t l;           // local window kept in every selection, 0..k; -1: default (k/4)
-    int32_t realloc;     // mean reallocation (alpha mix with the mean of V): -1 model default, 0 off, 1 on
+    int32_t mean_realloc; // mean reallocation (alpha mix with the mean of V): -1 model default, 0 off, 1 on
     int32_t min_ctx;     // SparQ replaces dense attention from this cache length (n_kv) on; -1: default
     int32_t layer_start; // first layer that may use SparQ
     int32_t layer_end;   // one past the last layer that may use SparQ; -1: up to the last layer
@@ -31,13 +31,14 @@ struct llama_sparq_params {
 enum llama_sparq_status {
     LLAMA_SPARQ_OK              =   0,
     LLAMA_SPARQ_DENSE           =   1, // accepted, but no layer of this model/cache can use SparQ: decoding stays dense
+    LLAMA_SPARQ_ROTATED         =   2, // llama_sparq_prepare_cache: the cache already holds Hadamard-rotated keys
     LLAMA_SPARQ_ERR_NULL        =  -1, // ctx is NULL
     LLAMA_SPARQ_ERR_K           =  -2, // k < 0, or neither k nor compression given
     LLAMA_SPARQ_ERR_COMPRESSION =  -3, // compression not in (0, 1], or too small for r
     LLAMA_SPARQ_ERR_BOTH        =  -4, // both k and compression given
     LLAMA_SPARQ_ERR_R           =  -5, // r < 0 or larger than the head size
     LLAMA_SPARQ_ERR_L           =  -6, // l < -1, or l > k
-    LLAMA_SPARQ_ERR_REALLOC     =  -7, // realloc not in {-1, 0, 1}
+    LLAMA_SPARQ_ERR_REALLOC     =  -7, // mean_realloc not in {-1, 0, 1}
     LLAMA_SPARQ_ERR_MIN_CTX     =  -8, // min_ctx < -1
     LLAMA_SPARQ_ERR_LAYERS      =  -9, // layer range empty or outside the model
     LLAMA_SPARQ_ERR_V_TRANS     = -10, // the context stores V transposed (flash attention disabled)
@@ -60,6 +61,15 @@ LLAMA_API struct llama_sparq_params llama_sparq_default_params(void);
 // frees what it allocated. Returns LLAMA_SPARQ_OK, LLAMA_SPARQ_DENSE, or a negative error code
 // (nothing changed). Never aborts. Tokens already in the cache are taken into account.
 LLAMA_API int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_params * params);
+
+// Gets the context's cache ready for SparQ without turning SparQ on (llama_sparq_set does the
+// same). With a quantized cache llama.cpp rotates Q and K by a Hadamard matrix, which spreads q
+// over all components, against SparQ's choice of the r largest; K is stored rotated, so the
+// rotation can only be dropped while the cache is empty. For a fresh context whose dense and
+// SparQ decodes should share one cache (benchmarks, evaluations). Returns LLAMA_SPARQ_OK
+// (ready), LLAMA_SPARQ_ROTATED (rotated keys already cached; SparQ would work in that basis,
+// a warning is logged), LLAMA_SPARQ_DENSE (no cache SparQ can use) or LLAMA_SPARQ_ERR_NULL.
+LLAMA_API int32_t llama_sparq_prepare_cache(struct llama_context * ctx);
 
 // 1 and *params filled when SparQ is set, 0 when it is off, LLAMA_SPARQ_ERR_NULL for NULL ctx.
 LLAMA_API int32_t llama_sparq_get(const struct llama_context * ctx, struct llama_sparq_params * params);

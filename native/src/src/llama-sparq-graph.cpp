@@ -1,0 +1,244 @@
+// sparq-cpp: SparQ in libllama's decode graph. One graph input per ubatch
+// (llm_graph_input_sparq: where the new K goes in the mirror, the V sums, the counters) and, per
+// attention layer, the mirror write and the SparQ branch (llama_sparq_build_attn), which the
+// hooks in upstream's build_attn call (native/patches/0004). The branch is GGML_OP_SPARQ_ATTN;
+// a backend without that op keeps the layer dense (llama-sparq.cpp decides which layers).
+#include "llama-sparq-impl.h"
+#include "llama-sparq-kv.h"
+
+#include "llama-graph.h"
+#include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+class llm_graph_input_sparq : public llm_graph_input_i {
+public:
+    void set_input(const llama_ubatch * ubatch) override;
+    bool can_reuse(const llm_graph_params & params) override;
+
+    const llama_kv_cache_context * mctx = nullptr;
+    std::shared_ptr<llama_sparq_kv> st;  // keeps the mirror alive as long as the graph
+    uint32_t generation = 0;
+    uint32_t n_kv       = 0;
+    bool     use_op     = false;         // this ubatch takes SparQ
+
+    ggml_tensor * kt_idxs = nullptr;     // I64 [n_tokens*n_embd_kt]: mirror element of each K element
+    ggml_tensor * vsum    = nullptr;     // F32 [vsum_size, n_tokens]: V sum of the token's sequence, before it
+    ggml_tensor * inv_cnt = nullptr;     // F32 [1, n_tokens]: 1/(cells in that sum + 1)
+
+    struct layer_info { int64_t n_head_kv, d, r, k, type_size; };
+    std::vector<layer_info> layers;      // SparQ layers of this graph, for the read estimate
+};
+
+// whether a ubatch takes SparQ: a decode ubatch (one token for each of its sequences) over a
+// cache long enough for SparQ to read less than dense
+static bool use_sparq(const llama_sparq_kv & st, const llama_ubatch & ub, const llama_cparams & cp, uint32_t n_kv) {
+    if (!st.enabled || st.n_eligible == 0 || cp.training || !cp.causal_attn) {
+        return false;
+    }
+    // n_seq_tokens == 1 alone is also true of a prefill split by split_simple
+    if (ub.n_tokens == 0 || ub.n_tokens != ub.n_seqs_unq) {
+        return false;
+    }
+    if (ub.n_seq_id != nullptr) {
+        for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+            if (ub.n_seq_id[i] > 1) {
+                return false;
+            }
+        }
+    }
+    if ((int64_t) n_kv < st.min_ctx) {
+        return false;
+    }
+    return !(st.params.k > 0 && st.params.k >= (int64_t) n_kv); // every position would be read
+}
+
+llm_graph_input_sparq * llama_sparq_build_input(
+        ggml_context * ctx0,
+    llm_graph_result * res,
+  const llama_ubatch & ubatch,
+ const llama_cparams & cparams,
+ const llama_kv_cache_context * mctx) {
+    if (mctx == nullptr || cparams.training) {
+        return nullptr;
+    }
+    llama_kv_cache * kv = cache_internals::kv(mctx);
+    if (kv == nullptr || !kv->sparq || !kv->sparq->enabled || kv->sparq->n_eligible == 0) {
+        return nullptr;
+    }
+    auto inp = std::make_unique<llm_graph_input_sparq>();
+    inp->mctx       = mctx;
+    inp->st         = kv->sparq;
+    inp->generation = kv->sparq->generation;
+    inp->n_kv       = mctx->get_n_kv();
+    inp->use_op     = use_sparq(*kv->sparq, ubatch, cparams, inp->n_kv);
+
+    inp->kt_idxs = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, (int64_t) ubatch.n_tokens*kv->sparq->n_embd_kt);
+    ggml_set_input(inp->kt_idxs);
+    ggml_set_name(inp->kt_idxs, "sparq_inp_kt_idxs");
+
+    if (inp->use_op && kv->sparq->realloc) {
+        inp->vsum = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, kv->sparq->vsum_size, ubatch.n_tokens);
+        ggml_set_input(inp->vsum);
+        ggml_set_name(inp->vsum, "sparq_inp_vsum");
+        inp->inv_cnt = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, 1, ubatch.n_tokens);
+        ggml_set_input(inp->inv_cnt);
+        ggml_set_name(inp->inv_cnt, "sparq_inp_inv_cnt");
+    }
+    return (llm_graph_input_sparq *) res->add_input(std::move(inp));
+}
+
+bool llm_graph_input_sparq::can_reuse(const llm_graph_params & params) {
+    const llama_kv_cache_context * m = nullptr;
+    if (auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(params.mctx)) {
+        m = iswa->get_base();
+    } else {
+        m = dynamic_cast<const llama_kv_cache_context *>(params.mctx);
+    }
+    if (m == nullptr || cache_internals::kv(m) == nullptr || cache_internals::kv(m)->sparq != st || st->generation != generation) {
+        return false;
+    }
+    if (m->get_n_kv() != n_kv || kt_idxs->ne[0] != (int64_t) params.ubatch.n_tokens*st->n_embd_kt) {
+        return false;
+    }
+    if (use_sparq(*st, params.ubatch, params.cparams, n_kv) != use_op) {
+        return false;
+    }
+    mctx = m;
+    return true;
+}
+
+void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
+    llama_kv_cache & kv = *cache_internals::kv(mctx);
+    const auto & sinfo = cache_internals::sinfo(mctx);
+    const uint32_t kv_size = kv.get_size();
+    const int64_t n_embd = st->n_embd_kt;
+
+    // 1. where each K element of the ubatch goes in the mirror
+    {
+        GGML_ASSERT(ggml_backend_buffer_is_host(kt_idxs->buffer));
+        int64_t * idx = (int64_t *) kt_idxs->data;
+        const size_t size = sinfo.size();
+        for (uint32_t s = 0; s < sinfo.n_stream(); ++s) {
+            const int64_t offs = (int64_t) sinfo.strm[s]*kv_size*n_embd;
+            for (size_t i = 0; i < size; ++i) {
+                const int64_t cell = sinfo.idxs[s][i];
+                int64_t * row = idx + (s*size + i)*n_embd;
+                for (int64_t j = 0; j < n_embd; ++j) {
+                    row[j] = offs + j*kv_size + cell;
+                }
+            }
+        }
+    }
+
+    // 2. K changed outside the graphs: rebuild the mirror (the cells of this ubatch are written by the graph)
+    if (st->k_dirty) {
+        st->rebuild_mirror(kv);
+        st->k_dirty = false;
+    }
+
+    // 3. running V sums
+    std::vector<int64_t> n_vis(ubatch->n_tokens, 0);
+    if (st->realloc) {
+        float * vs = nullptr;
+        float * ic = nullptr;
+        if (use_op) {
+            GGML_ASSERT(ggml_backend_buffer_is_host(vsum->buffer) && ggml_backend_buffer_is_host(inv_cnt->buffer));
+            vs = (float *) vsum->data;
+            ic = (float *) inv_cnt->data;
+        }
+        st->sync_sums(kv, sinfo, *ubatch, vs, ic, n_vis);
+    }
+
+    // 4. counters
+    if (use_op) {
+        st->stats.n_tokens_sparq += ubatch->n_tokens;
+        for (uint32_t i = 0; i < ubatch->n_tokens; ++i) {
+            const int64_t S = n_vis[i] > 0 ? n_vis[i] : std::min<int64_t>((int64_t) ubatch->pos[i] + 1, n_kv);
+            for (const auto & li : layers) {
+                const int64_t kk = std::min<int64_t>(li.k, S);
+                st->stats.bytes_attn_sparq += (double) li.n_head_kv*li.type_size*(S*li.r + 2*kk*li.d);
+                st->stats.bytes_attn_dense += (double) li.n_head_kv*li.type_size*(2*S*li.d);
+            }
+        }
+    } else {
+        st->stats.n_tokens_dense += ubatch->n_tokens;
+    }
+}
+
+ggml_tensor * llama_sparq_build_attn(
+        ggml_context * ctx0,
+         ggml_cgraph * gf,
+ llm_graph_input_sparq * inp,
+         ggml_tensor * q,
+         ggml_tensor * k,
+         ggml_tensor * v,
+         ggml_tensor * k_cur,
+         ggml_tensor * v_cur,
+         ggml_tensor * kq_mask,
+         ggml_tensor * kq_b,
+         ggml_tensor * sinks,
+               float   kq_scale,
+                 int   il) {
+    if (inp == nullptr) {
+        return nullptr;
+    }
+    auto & st = *inp->st;
+    const llama_kv_cache & kv = *cache_internals::kv(inp->mctx);
+    const int32_t ikv = cache_internals::ikv(kv, il);
+    if (ikv < 0 || (size_t) ikv >= st.kt.size() || st.kt[ikv] == nullptr) {
+        return nullptr;
+    }
+    ggml_tensor * kt = st.kt[ikv];
+
+    // the mirror: every element of k_cur is a row of the flattened K^T
+    {
+        ggml_tensor * kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx0, k_cur);
+        kc = ggml_reshape_2d(ctx0, kc, 1, ggml_nelements(kc));
+        ggml_tensor * dst = ggml_reshape_2d(ctx0, kt, 1, ggml_nelements(kt));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, dst, kc, inp->kt_idxs));
+    }
+
+    if (!inp->use_op || kq_b != nullptr || sinks != nullptr) {
+        return nullptr;
+    }
+
+    const int64_t d         = q->ne[0];
+    const int64_t n_tokens  = q->ne[2];
+    const int64_t n_head_kv = k->ne[1];
+    const int64_t n_kv      = k->ne[2];
+    const int64_t ns        = k->ne[3];
+    const int64_t kv_size   = kv.get_size();
+    const int64_t n_embd    = kt->ne[1];
+    const size_t  ts        = ggml_type_size(kt->type);
+
+    // as build_attn_mha: split the tokens into streams, then [D, n_tokens, n_head, ns]
+    ggml_tensor * q4 = ggml_view_4d(ctx0, q, d, q->ne[1], n_tokens/ns, ns, q->nb[1], q->nb[2], q->nb[2]*(n_tokens/ns), 0);
+    q4 = ggml_permute(ctx0, q4, 0, 2, 1, 3);
+    ggml_tensor * k4 = ggml_permute(ctx0, k, 0, 2, 1, 3);
+    ggml_tensor * v4 = ggml_permute(ctx0, v, 0, 2, 1, 3);
+    ggml_tensor * kt4 = ggml_view_4d(ctx0, kt, n_kv, d, n_head_kv, ns,
+            kv_size*ts, d*kv_size*ts, n_embd*kv_size*ts, n_embd*kv_size*ts*cache_internals::sinfo(inp->mctx).s0);
+
+    int32_t flags = st.params.no_tau ? GGML_SPARQ_NO_TAU : 0;
+    ggml_tensor * vmean = nullptr;
+    if (st.realloc) {
+        flags |= GGML_SPARQ_REALLOC;
+        // mean over the visible positions = (sum over the cells before + this token's V) / (count + 1)
+        const int64_t n_embd_v = v_cur->ne[0]*v_cur->ne[1];
+        ggml_tensor * vc = v_cur->type == GGML_TYPE_F32 ? v_cur : ggml_cast(ctx0, v_cur, GGML_TYPE_F32);
+        vc = ggml_is_contiguous(vc) ? ggml_reshape_2d(ctx0, vc, n_embd_v, n_tokens) : ggml_cont_2d(ctx0, vc, n_embd_v, n_tokens);
+        ggml_tensor * vs = ggml_view_2d(ctx0, inp->vsum, n_embd_v, n_tokens, inp->vsum->nb[1], st.vsum_off[ikv]*sizeof(float));
+        vmean = ggml_mul(ctx0, ggml_add(ctx0, vc, vs), inp->inv_cnt);
+        vmean = ggml_reshape_4d(ctx0, vmean, v_cur->ne[0], n_head_kv, n_tokens/ns, ns);
+    }
+
+    const llama_sparq_layer_cfg cfg = llama_sparq_resolve(st.params, d, inp->n_kv);
+    inp->layers.push_back({ n_head_kv, d, cfg.r, cfg.k, (int64_t) ts });
+
+    ggml_tensor * cur = ggml_sparq_attn(ctx0, q4, k4, kt4, v4, vmean, kq_mask, kq_scale, cfg.r, cfg.k, cfg.l, flags);
+    return ggml_reshape_2d(ctx0, cur, cur->ne[0]*cur->ne[1], cur->ne[2]*cur->ne[3]);
+}
