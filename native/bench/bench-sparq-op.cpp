@@ -3,7 +3,7 @@
 // transposed V (llama.cpp's path with flash attention off). One query token, F16 K/V.
 //
 //   bench-sparq-op [--threads N] [--reps N] [--ctx 1024,4096,...] [--dims 64:3:3,128:4:8]
-//                  [--compression 8,16] [--cold]
+//                  [--compression 8,16] [--cold]      (--compression: c of each budget 1/c)
 //
 // --dims takes head_dim:group_size:n_head_kv triples. Prints one JSON object per line (a result
 // per configuration, and first the machine's measured read bandwidth); scripts/bench_op.py turns
@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -27,12 +28,18 @@ namespace {
 
 using clk = std::chrono::steady_clock;
 
-std::vector<int> parse_ints(const char * s) {
+// comma-separated whole numbers >= 1; anything else is refused (exit 2), never read as another number
+std::vector<int> parse_ints(const char * flag, const char * s) {
     std::vector<int> out;
     for (const char * p = s; *p; ) {
-        out.push_back(atoi(p));
-        while (*p && *p != ',') p++;
-        if (*p == ',') p++;
+        char * end = nullptr;
+        const long v = strtol(p, &end, 10);
+        if (end == p || (*end != ',' && *end != '\0') || v < 1 || v > INT32_MAX) {
+            fprintf(stderr, "%s takes whole numbers >= 1, comma-separated, got '%s'\n", flag, s);
+            exit(2);
+        }
+        out.push_back((int) v);
+        p = *end == ',' ? end + 1 : end;
     }
     return out;
 }
@@ -118,8 +125,8 @@ int main(int argc, char ** argv) {
         auto next = [&]() { if (i + 1 >= argc) { fprintf(stderr, "missing value for %s\n", a.c_str()); exit(2); } return argv[++i]; };
         if (a == "--threads") threads = atoi(next());
         else if (a == "--reps") reps = atoi(next());
-        else if (a == "--ctx") ctxs = parse_ints(next());
-        else if (a == "--compression") comps = parse_ints(next());
+        else if (a == "--ctx") ctxs = parse_ints("--ctx", next());
+        else if (a == "--compression") comps = parse_ints("--compression", next());  // c of budget 1/c
         else if (a == "--cold") cold = true;
         else if (a == "--dims") {
             dims.clear();

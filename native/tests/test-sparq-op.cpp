@@ -1,5 +1,5 @@
 // sparq-cpp: GGML_OP_SPARQ_ATTN on the CPU backend against a reference written here, independently
-// of the kernel, straight from SPARQ.md (double precision, sorts instead of selections).
+// of the kernel, straight from docs/sparq.md (double precision, sorts instead of selections).
 //
 //   random cases    head dims 64/128/256, groups 1/3/4/8, several query rows with their own
 //                   visible lengths, 1-3 threads, F16, F32 and Q8_0 K/V, F16 and F32 masks
@@ -44,7 +44,7 @@ struct Data {
 
 float round_f16(float x) { return ggml_fp16_to_fp32(ggml_fp32_to_fp16(x)); }
 
-// The reference: SPARQ.md steps 1-6 for one (query row b, KV head g). Returns the output rows of
+// The reference: docs/sparq.md steps 1-6 for one (query row b, KV head g). Returns the output rows of
 // the group's heads and, for the poison test, i1 and i2.
 void reference(const Case & c, const Data & d, int b, int g, std::vector<double> & out,
                std::vector<int> * i1_out = nullptr, std::vector<int> * i2_out = nullptr) {
@@ -87,7 +87,7 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
             double z = 0;
             for (int p : vis) z += std::exp(x[p] - mx);
             for (int p : vis) {
-                // fp32 semantics (SPARQ.md: softmax in fp32): a score below the smallest normal
+                // fp32 semantics (docs/sparq.md, "Ties and rounding"): a score below the smallest normal
                 // float is 0, and such ties go to the lower position
                 const double e = std::exp(x[p] - mx);
                 shat[hh][p] = e < FLT_MIN ? 0.0 : e / z;
