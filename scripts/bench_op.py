@@ -20,6 +20,7 @@ a 96 MiB buffer before every timed run, which is closer to that.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import subprocess
@@ -30,8 +31,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "build" / "native" / "bin" / "bench-sparq-op"
 
-sys.path.insert(0, str(ROOT))
-from sparq_cpp.bench import git_commit  # noqa: E402
+
+
+def _load(name: str):
+    """A module of sparq_cpp that needs nothing of its library, loaded alone: importing the package
+    would load libllama, which this script (the native benchmark's driver) does not use."""
+    spec = importlib.util.spec_from_file_location(f"sparq_cpp_{name}", ROOT / "sparq_cpp" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+budget, runinfo = _load("budget"), _load("runinfo")
+
+
+def _budgets(text: str) -> str:
+    """'1/8,1/16' (or 0.125,...) -> '8,16', the 1/c form bench-sparq-op takes; every budget is
+    parsed by the same parser as the other tools', and must be 1/c with a whole c."""
+    cs = []
+    for part in text.split(","):
+        c = budget.parse_compression(part.strip())
+        inv = round(1 / c)
+        if abs(1 / c - inv) > 1e-6:
+            raise argparse.ArgumentTypeError(f"bench-sparq-op takes budgets 1/c with a whole c, got {part!r}")
+        cs.append(str(inv))
+    return ",".join(cs)
+
+
+def _budget_arg(text: str) -> str:
+    try:
+        return _budgets(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> int:
@@ -39,7 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", default="1024,4096,8192,16384,32768", help="context lengths S")
     ap.add_argument("--dims", default="64:3:3,128:4:8",
                     help="head_dim:group:n_head_kv triples (default: SmolLM2-135M-like, Llama-3-8B-like)")
-    ap.add_argument("--compression", default="8,16", help="1/c read budgets")
+    ap.add_argument("--compression", type=_budget_arg, default="1/8,1/16",
+                    help="read budgets, as every tool takes them (1/8 or 0.125), comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median)")
     ap.add_argument("--cold", action="store_true", help="evict the caches before every timed run")
@@ -96,7 +128,7 @@ def main(argv=None) -> int:
     meta = {
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
         "native_command": " ".join(cmd),
-        "commit": git_commit(),
+        "commit": runinfo.git_commit(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "threads": args.threads, "read_gbs": bw},
         "seconds": round(time.time() - t0, 1),

@@ -18,7 +18,7 @@ import sys
 
 from sparq_cpp.eval import _Model, _essay_tokens, compare
 from sparq_cpp.sparq import SparqParams
-from sparq_cpp.bench import run_info
+from sparq_cpp.runinfo import run_info
 
 
 def main() -> int:

@@ -7,6 +7,7 @@ with another library, the two cannot be swapped in one process: we raise a clear
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ struct llama_sparq_params {
     float   compression;
     int32_t r;
     int32_t l;
-    int32_t realloc;
+    int32_t mean_realloc;
     int32_t min_ctx;
     int32_t layer_start;
     int32_t layer_end;
@@ -87,6 +88,7 @@ struct llama_context;
 
 struct llama_sparq_params llama_sparq_default_params(void);
 int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_params * params);
+int32_t llama_sparq_prepare_cache(struct llama_context * ctx);
 int32_t llama_sparq_get(const struct llama_context * ctx, struct llama_sparq_params * params);
 int32_t llama_sparq_stats_get(const struct llama_context * ctx, struct llama_sparq_stats * stats);
 void    llama_sparq_stats_reset(struct llama_context * ctx);
@@ -94,10 +96,25 @@ const char * llama_sparq_strerror(int32_t status);
 int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v);
 """
 
-# llama_sparq_status values (native/src/include/llama-sparq.h)
-SPARQ_OK = 0
-SPARQ_DENSE = 1
-SPARQ_ERR_V_TRANS = -10
+
+class SparqStatus(enum.IntEnum):
+    """``enum llama_sparq_status`` of native/src/include/llama-sparq.h (tests/test_c_api.py checks
+    the values against the header)."""
+
+    OK = 0
+    DENSE = 1  # accepted, but no layer of this model or cache can use SparQ: decoding stays dense
+    ROTATED = 2  # llama_sparq_prepare_cache: the cache already holds Hadamard-rotated keys
+    ERR_NULL = -1
+    ERR_K = -2
+    ERR_COMPRESSION = -3
+    ERR_BOTH = -4
+    ERR_R = -5
+    ERR_L = -6
+    ERR_REALLOC = -7
+    ERR_MIN_CTX = -8
+    ERR_LAYERS = -9
+    ERR_V_TRANS = -10
+    ERR_ALLOC = -11
 
 
 def _bind():

@@ -11,20 +11,15 @@ medians against the best dense.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ._lib import llama_cpp
-from .sparq import SparqParams, parse_fraction
-
-ROOT = Path(__file__).resolve().parent.parent
+from .kv_types import cache_type, v_needs_flash_attn
+from .runinfo import run_info, save_outputs
+from .sparq import SparqParams, parse_compression
 
 
 def parse_setting(text: str) -> Tuple[str, Optional[dict]]:
@@ -34,57 +29,12 @@ def parse_setting(text: str) -> Tuple[str, Optional[dict]]:
         return "dense", None
     if t.startswith("k="):
         return f"k={int(t[2:])}", {"k": int(t[2:])}
-    c = parse_fraction(t)
-    if not 0 < c <= 1:
-        raise ValueError(f"compression must be in (0, 1], got {text!r}")
-    return t, {"compression": c}
+    return t, {"compression": parse_compression(t)}
 
 
-CACHE_TYPES = ("f16", "f32", "q8_0")  # KV cache types SparQ reads (llama.cpp's -ctk/-ctv names)
-
-
-def cache_type(name: str) -> int:
-    """'f16', 'f32' or 'q8_0' -> the GGML_TYPE_* value llama-cpp-python's type_k/type_v take."""
-    if name not in CACHE_TYPES:
-        raise ValueError(f"cache type must be one of {', '.join(CACHE_TYPES)}, got {name!r}")
-    return getattr(llama_cpp, f"GGML_TYPE_{name.upper()}")
-
-
-def quantized(name: str) -> bool:
-    """A quantized cache type: llama.cpp stores such a V only with flash attention on."""
-    return name not in ("f16", "f32")
-
-
-def sparq_ready(llm) -> None:
-    """Sets SparQ once on a fresh context and back to dense, as a user passing ``sparq_*`` to the
-    constructor does: with a quantized cache that turns off llama.cpp's Hadamard rotation of Q and
-    K while the cache is empty (it hurts SparQ's component choice), so the dense and SparQ runs
-    that follow share that cache, as they would in use."""
-    llm.set_sparq(compression=1 / 8)
-    llm.set_sparq(None)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    """Short commit of the source tree, or "unknown" (an installed package has none)."""
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-class _Ctx:
-    """A context of the model with its prefilled depth, decoded through the C API."""
+class DecodeContext:
+    """A model's context with its prefilled depth, decoded one token at a time through the C API
+    (used by bench and eval)."""
 
     def __init__(self, llm):
         self.llm = llm
@@ -128,15 +78,17 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
     common = dict(n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                   verbose=False, type_k=cache_type(cache_type_k), type_v=cache_type(cache_type_v))
     # llama.cpp stores a quantized V only with flash attention on: then that is the one dense path
-    fa_off = None if quantized(cache_type_v) else _Ctx(Llama(model, **common))
-    fa_on = _Ctx(Llama(model, flash_attn=True, **common))
-    sparq_ready(fa_on.llm)
+    fa_off = None if v_needs_flash_attn(cache_type_v) else DecodeContext(Llama(model, **common))
+    fa_on = DecodeContext(Llama(model, flash_attn=True, **common))
+    # as a sparq_* argument to the constructor would: dense and SparQ runs then share that cache
+    fa_on.llm.sparq_prepare_cache()
     # another cache type than f16: the default f16 cache's dense paths are what a user could run
     # instead, so they run here too and count for "best dense"
     ref = []
     if (cache_type_k, cache_type_v) != ("f16", "f16"):
         f16 = dict(common, type_k=cache_type("f16"), type_v=cache_type("f16"))
-        ref = [("dense f16 FA off", _Ctx(Llama(model, **f16))), ("dense f16 FA on", _Ctx(Llama(model, flash_attn=True, **f16)))]
+        ref = [("dense f16 FA off", DecodeContext(Llama(model, **f16))),
+               ("dense f16 FA on", DecodeContext(Llama(model, flash_attn=True, **f16)))]
     toks = fa_on.llm.tokenize(text.encode())
     if len(toks) < max(depths) + n_gen:
         raise ValueError(f"the essays give {len(toks)} tokens, fewer than depth {max(depths)} + {n_gen}")
@@ -189,25 +141,6 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
     print(table(result))
     save_outputs(result, out, _plot if plot else None)
     return result
-
-
-def run_info() -> dict:
-    """What a results file records about its run: the command, the commit, the machine."""
-    cmd = ("sparq-cpp " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "sparq-cpp"
-           else " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
-    return {"command": cmd, "commit": git_commit(),
-            "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "system": platform.platform()}}
-
-
-def save_outputs(result: dict, out: Optional[str], plot=None) -> None:
-    """out.json, and out.png drawn by plot(result, path) when given; nothing without out."""
-    if not out:
-        return
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out + ".json").write_text(json.dumps(result, indent=1))
-    if plot is not None:
-        plot(result, out + ".png")
-    print(f"wrote {out}.json" + (f" and {out}.png" if plot is not None else ""), file=sys.stderr)
 
 
 def table(result: dict) -> str:

@@ -3,6 +3,7 @@
     sparq-cpp generate -m smollm2-135m -p "The capital of France is" -n 64
     sparq-cpp generate -m gemma3-270m --chat -p "Name three rivers in Europe."
     sparq-cpp generate -m smollm2-135m -f essay.txt --sparq-compression 1/8 -n 128
+    sparq-cpp demo                                  (a long essay answered with dense and with SparQ)
     sparq-cpp eval -m smollm2-135m,gemma3-270m     (accuracy against dense)
     sparq-cpp serve --model smollm2-135m --sparq_compression 1/8   (python -m sparq_cpp.server)
     sparq-cpp info
@@ -46,20 +47,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sparq_kwargs(args: argparse.Namespace) -> dict:
+    """The sparq_* arguments given on the command line (see add_sparq_args)."""
+    from sparq_cpp.sparq import SPARQ_ARGS
+
+    out = {}
+    for a in SPARQ_ARGS:
+        v = getattr(args, f"sparq_{a}")
+        if v is None or v is False:
+            continue
+        out[f"sparq_{a}"] = {"on": True, "off": False}.get(v, v) if a == "realloc" else (tuple(v) if a == "layers" else v)
+    return out
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from sparq_cpp import Llama, model_path
+    from sparq_cpp.kv_types import cache_type, v_needs_flash_attn
 
     path = model_path(args.model)
-    sparq = {f"sparq_{a}": getattr(args, f"sparq_{a}") for a in ("k", "compression", "r", "l", "min_ctx")
-             if getattr(args, f"sparq_{a}") is not None}
-    if args.sparq_realloc is not None:
-        sparq["sparq_realloc"] = args.sparq_realloc == "on"
-    from sparq_cpp.bench import cache_type, quantized
-
+    extra = {"flash_attn": True} if args.flash_attn or v_needs_flash_attn(args.cache_type_v) else {}
     llm = Llama(model_path=path, n_ctx=args.ctx_size, n_threads=args.threads,
                 n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=args.verbose,
-                flash_attn=args.flash_attn or bool(sparq) or quantized(args.cache_type_v),
-                type_k=cache_type(args.cache_type_k), type_v=cache_type(args.cache_type_v), **sparq)
+                type_k=cache_type(args.cache_type_k), type_v=cache_type(args.cache_type_v), **extra,
+                **_sparq_kwargs(args))
     sampling = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                     top_p=args.top_p, stream=True)
     if args.file:
@@ -120,17 +130,42 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fraction(text: str) -> float:
-    from sparq_cpp.sparq import parse_fraction
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sparq_cpp import demo
+
+    return demo.run(args.model, args.prompt_tokens, args.n_predict, args.compression, args.threads)
+
+
+def _compression(text: str) -> float:
+    from sparq_cpp.budget import parse_compression
 
     try:
-        return parse_fraction(text)
+        return parse_compression(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def add_sparq_args(p: argparse.ArgumentParser) -> None:
+    """--sparq-<field> for each field of SparqParams, with its help text (the one list)."""
+    from sparq_cpp.sparq import SPARQ_HELP
+
+    g = p.add_argument_group("SparQ (none given: dense attention)")
+    for a, help in SPARQ_HELP.items():
+        flag = "--sparq-" + a.replace("_", "-")
+        if a == "compression":
+            g.add_argument(flag, type=_compression, default=None, help=help)
+        elif a == "realloc":
+            g.add_argument(flag, choices=["on", "off"], default=None, help=help)
+        elif a == "layers":
+            g.add_argument(flag, type=int, nargs=2, metavar=("START", "END"), default=None, help=help)
+        elif a == "no_tau":
+            g.add_argument(flag, action="store_true", help=help)
+        else:
+            g.add_argument(flag, type=int, default=None, help=help)
+
+
 def _cache_type_args(p: argparse.ArgumentParser) -> None:
-    from sparq_cpp.bench import CACHE_TYPES
+    from sparq_cpp.kv_types import CACHE_TYPES
 
     p.add_argument("-ctk", "--cache-type-k", choices=CACHE_TYPES, default="f16", help="KV cache type for K")
     p.add_argument("-ctv", "--cache-type-v", choices=CACHE_TYPES, default="f16",
@@ -158,15 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     g.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention (on whenever SparQ is)")
     _cache_type_args(g)
-    s = g.add_argument_group("SparQ (none given: dense attention)")
-    s.add_argument("--sparq-k", type=int, default=None, help="positions read exactly per generated token")
-    s.add_argument("--sparq-compression", type=_fraction, default=None,
-                   help="target fraction of dense attention reads, e.g. 1/8 (instead of --sparq-k)")
-    s.add_argument("--sparq-r", type=int, default=None, help="query components for the approximate scores")
-    s.add_argument("--sparq-l", type=int, default=None, help="local window (default k/4)")
-    s.add_argument("--sparq-min-ctx", type=int, default=None, help="cache length from which SparQ is used")
-    s.add_argument("--sparq-realloc", choices=["on", "off"], default=None, help="mean reallocation")
+    add_sparq_args(g)
     g.set_defaults(func=_cmd_generate)
+
+    d = sub.add_parser("demo", help="a long essay answered with dense attention and with SparQ: both answers, "
+                                     "and the decode speed of each")
+    d.add_argument("-m", "--model", default="smollm2-135m")
+    d.add_argument("--prompt-tokens", type=int, default=7000, help="essay tokens in the prompt")
+    d.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate")
+    d.add_argument("--compression", type=_compression, default=1 / 8, help="SparQ's read budget (1/8 or 0.125)")
+    d.add_argument("-t", "--threads", type=int, default=2)
+    d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="decode speed, dense (flash attention off and on) against SparQ")
     b.add_argument("-m", "--model", default="smollm2-135m")

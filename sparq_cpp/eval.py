@@ -26,7 +26,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ._lib import llama_cpp
-from .bench import _Ctx, cache_type, run_info, save_outputs, sparq_ready
+from .bench import DecodeContext
+from .kv_types import cache_type
+from .runinfo import run_info, save_outputs
 
 COMPRESSIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -63,7 +65,7 @@ def last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).astype(np.float64)
 
 
-class _Model(_Ctx):
+class _Model(DecodeContext):
     """One flash-attention context, decoded token by token; logits of the last token only."""
 
     def __init__(self, name: str, n_ctx: int, threads: int, type_k: str = "f16", type_v: str = "f16",
@@ -73,7 +75,7 @@ class _Model(_Ctx):
         super().__init__(Llama(name, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
                                flash_attn=True, verbose=False, type_k=cache_type(type_k), type_v=cache_type(type_v)))
         if not keep_rotation:  # keep_rotation: a quantized cache's Hadamard rotation stays on (a measurement)
-            sparq_ready(self.llm)
+            self.llm.sparq_prepare_cache()
         md = self.llm.metadata
         arch = md["general.architecture"]
         key_length = md.get(f"{arch}.attention.key_length")

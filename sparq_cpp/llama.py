@@ -6,9 +6,9 @@ import warnings
 from typing import Optional
 
 from . import sparq as _sparq
-from ._lib import SPARQ_DENSE, llama_cpp
+from ._lib import SparqStatus, llama_cpp
 from .models import KNOWN_MODELS, model_path as _model_path
-from .sparq import SparqParams
+from .sparq import SparqError, SparqParams, flash_attn_for
 
 __all__ = ["Llama", "SparqParams"]
 
@@ -20,27 +20,20 @@ class Llama(llama_cpp.Llama):
     first use.
 
     SparQ arguments (all keyword-only; none given: dense attention, exactly llama-cpp-python):
-
-    - ``sparq_k``: positions read exactly per query at each generated token, or
-    - ``sparq_compression``: target fraction of dense attention's K/V reads (for example 1/8);
-      k and r then follow the context length and head size;
-    - ``sparq_r`` (query components), ``sparq_l`` (local window, default k/4),
-      ``sparq_realloc`` (mean reallocation; default per model family), ``sparq_min_ctx``
-      (cache length from which SparQ replaces dense attention), ``sparq_layers`` ((start, end)),
-      ``sparq_no_tau`` (ablation).
+    ``sparq_<field>`` for each field of ``SparqParams`` (its docstring has the list), for example
+    ``sparq_compression=1/8`` (a target fraction of dense attention's reads; k and r then follow
+    the context length and head size) or ``sparq_k=64`` (positions read exactly per token).
 
     SparQ needs V stored row-major, which llama.cpp does with flash attention: a SparQ request
-    turns ``flash_attn`` on (passing ``flash_attn=False`` with it is an error). To switch SparQ
-    on later with ``set_sparq``, create the model with ``flash_attn=True``.
+    turns ``flash_attn`` on (passing ``flash_attn=False`` with it is an error; ``flash_attn_for``).
+    To switch SparQ on later with ``set_sparq``, create the model with ``flash_attn=True``.
     """
 
     def __init__(self, model_path: str, *args, **kwargs):
         sparq_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("sparq_")}
         params = SparqParams.from_kwargs(prefix="sparq_", **sparq_kwargs)  # ValueError before any loading
         if params is not None:
-            if "flash_attn" in kwargs and not kwargs["flash_attn"]:
-                raise ValueError("SparQ needs flash_attn=True (V stored row-major); drop flash_attn=False")
-            kwargs["flash_attn"] = True
+            kwargs["flash_attn"] = flash_attn_for(params, kwargs.get("flash_attn"))
         if str(model_path) in KNOWN_MODELS:
             model_path = _model_path(model_path)
         self._sparq_params: Optional[SparqParams] = None
@@ -57,7 +50,7 @@ class Llama(llama_cpp.Llama):
 
     def _set_sparq(self, params: Optional[SparqParams]) -> None:
         rc = _sparq.apply(self._ctx.ctx, params)
-        if rc == SPARQ_DENSE:
+        if rc == SparqStatus.DENSE:
             warnings.warn("SparQ cannot be used with this model or cache type (see the log); "
                           "decoding stays dense", RuntimeWarning, stacklevel=3)
         self._sparq_params = params
@@ -76,11 +69,18 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"set_sparq takes a SparqParams, keyword arguments or None, got {params!r}")
         try:
             self._set_sparq(params)
-        except ValueError as e:
-            if "flash attention" in str(e):
-                raise ValueError("this model stores V transposed (flash_attn=False): create it with "
+        except SparqError as e:
+            if e.status == SparqStatus.ERR_V_TRANS:
+                raise SparqError(e.status, "this model stores V transposed (flash_attn=False): create it with "
                                  "flash_attn=True, or with a sparq_* argument, to use SparQ") from None
             raise
+
+    def sparq_prepare_cache(self) -> bool:
+        """Get this model's (empty) cache ready for SparQ without turning it on: with a quantized
+        cache, llama.cpp's Hadamard rotation of Q and K is turned off, as a ``sparq_*`` argument
+        to the constructor does, so that dense and SparQ decodes can share the cache (benchmarks,
+        evaluations). False when the cache already holds rotated keys (the library logs why)."""
+        return _sparq.prepare_cache(self._ctx.ctx) != SparqStatus.ROTATED
 
     @property
     def sparq(self) -> Optional[SparqParams]:

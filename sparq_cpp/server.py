@@ -4,11 +4,18 @@
     sparq-cpp serve --model path/to/model.gguf --sparq_k 64 --port 8000
 
 Every flag of ``python -m llama_cpp.server`` works the same (its CLI is generated from its
-pydantic settings); ``SparqModelSettings`` adds the SparQ ones (``--sparq_k``,
-``--sparq_compression``, ``--sparq_r``, ``--sparq_l``, ``--sparq_realloc``, ``--sparq_min_ctx``,
-``--sparq_layers START END``, ``--sparq_no_tau``), also in ``--config_file`` model entries.
-``--model`` also takes a named model (``smollm2-135m``, ``gemma3-270m``). A SparQ setting turns
+pydantic settings); ``SparqModelSettings`` adds ``--sparq_<field>`` for each field of
+``SparqParams`` (``--sparq_compression 1/8``, ``--sparq_layers START END``, ...), also in
+``--config_file`` model entries. ``--model`` also takes a named model (``smollm2-135m``,
+``gemma3-270m``), resolved to its file when the settings are validated. A SparQ setting turns
 ``flash_attn`` on unless it is given (``--flash_attn false`` with SparQ is refused).
+
+How it hooks in, without replacing anything of llama-cpp-python's module-wide: upstream's
+``create_app`` builds the app and its model proxy, which loads each model with upstream's loader
+(a ``llama_cpp.Llama``); ``create_app`` here then sets SparQ on the loaded model's context, and
+on each model the proxy loads later (an attribute of that proxy object alone), and answers
+request-validation errors with HTTP 400 and the reason, as OpenAI's API does, where upstream's
+route handler answers 500 (an attribute of this app's routes alone).
 
 The server needs llama-cpp-python's ``server`` extra: ``pip install 'sparq-cpp[server]'``.
 """
@@ -19,48 +26,57 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+import warnings
+from typing import List, Optional, Union
 
 try:
     import uvicorn
-    from pydantic import Field, model_validator
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import Field, create_model, field_validator, model_validator
     import llama_cpp.server.app as _app
     from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
-    from llama_cpp.server.model import LlamaProxy
+    from llama_cpp.server.errors import RouteErrorHandler
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(f"the SparQ server needs llama-cpp-python's server extra ({e.name} is missing): "
                       "pip install 'sparq-cpp[server]'") from e
 
-import llama_cpp
+from . import sparq as _sparq
+from ._lib import SparqStatus
+from .budget import parse_compression
+from .models import KNOWN_MODELS, model_path
+from .sparq import SPARQ_HELP, SparqParams, flash_attn_for
 
-from .llama import Llama
-from .sparq import SparqParams, parse_fraction
+__all__ = ["SparqModelSettings", "SparqSettings", "create_app", "main"]
 
-__all__ = ["SparqModelSettings", "SparqSettings", "SparqLlamaProxy", "create_app", "main"]
+# the pydantic type of each SparQ field (the server's flags are generated from these); the
+# compression is a string on the command line ("1/8"), a number or a string in a config file
+_FIELD_TYPES = {"k": Optional[int], "compression": Optional[Union[str, float]], "r": Optional[int],
+                "l": Optional[int], "realloc": Optional[bool], "min_ctx": Optional[int],
+                "layers": Optional[List[int]], "no_tau": bool}
+
+_SparqFields = create_model(
+    "_SparqFields", __base__=ModelSettings,
+    **{f"sparq_{a}": (_FIELD_TYPES[a], Field(default=False if a == "no_tau" else None, description=f"SparQ: {h}"))
+       for a, h in SPARQ_HELP.items()})
 
 
-class SparqModelSettings(ModelSettings):
+class SparqModelSettings(_SparqFields):
     """llama-cpp-python's ``ModelSettings`` plus the SparQ arguments of ``sparq_cpp.Llama``."""
 
-    sparq_k: Optional[int] = Field(default=None, description="SparQ: positions read exactly per generated token")
-    sparq_compression: Optional[float] = Field(
-        default=None, description="SparQ: target fraction of dense attention reads, e.g. 1/8 (instead of sparq_k)")
-    sparq_r: Optional[int] = Field(default=None, description="SparQ: query components for the approximate scores")
-    sparq_l: Optional[int] = Field(default=None, description="SparQ: local window (default k/4)")
-    sparq_realloc: Optional[bool] = Field(default=None, description="SparQ: mean reallocation (default per model)")
-    sparq_min_ctx: Optional[int] = Field(default=None, description="SparQ: cache length from which SparQ is used")
-    sparq_layers: Optional[List[int]] = Field(default=None, description="SparQ: layers START END (END exclusive)")
-    sparq_no_tau: bool = Field(default=False, description="SparQ ablation: scale by sqrt(d) instead of tau")
+    @field_validator("sparq_compression", mode="before")
+    @classmethod
+    def _compression(cls, v):
+        return parse_compression(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check_sparq(self):
         params = self.sparq_params()  # ValueError (a validation error) on bad settings
+        given = self.flash_attn if "flash_attn" in self.model_fields_set else None
         if params is not None:
-            if "flash_attn" not in self.model_fields_set:
-                self.flash_attn = True
-            elif not self.flash_attn:
-                raise ValueError("SparQ needs flash_attn=True (V stored row-major); drop flash_attn=false")
+            self.flash_attn = flash_attn_for(params, given)
+        if self.model in KNOWN_MODELS:
+            self.model = str(model_path(self.model))  # fetched on first use
         return self
 
     def sparq_params(self) -> Optional[SparqParams]:
@@ -82,39 +98,45 @@ class SparqConfigFileSettings(ServerSettings):
     models: List[SparqModelSettings] = Field(default=[], description="Model configs")
 
 
-class SparqLlamaProxy(LlamaProxy):
-    """The server's model holder, loading ``sparq_cpp.Llama`` with each model's SparQ settings."""
+def _with_sparq(llm, settings: ModelSettings):
+    """Sets the model's SparQ settings on the context of a model upstream's loader made."""
+    params = settings.sparq_params() if isinstance(settings, SparqModelSettings) else None
+    if params is not None and _sparq.apply(llm._ctx.ctx, params) == SparqStatus.DENSE:
+        warnings.warn(f"SparQ cannot be used with {settings.model} (see the log); decoding stays dense",
+                      RuntimeWarning, stacklevel=2)
+    return llm
 
-    @staticmethod
-    def load_llama_from_model_settings(settings: ModelSettings) -> llama_cpp.Llama:
-        params = settings.sparq_params() if isinstance(settings, SparqModelSettings) else None
-        kwargs = params.as_kwargs() if params is not None else {}
-        # upstream's loader passes every ModelSettings field to `llama_cpp.Llama`, looked up when
-        # it is called: point that name at our class, with these SparQ arguments, for the call
-        # (a subclass, not a partial: request handlers also read `llama_cpp.Llama.__call__`)
-        class _Llama(Llama):
-            def __init__(self, *args, **kw):
-                super().__init__(*args, **{**kwargs, **kw})
 
-        upstream = llama_cpp.Llama
-        llama_cpp.Llama = _Llama
-        try:
-            return LlamaProxy.load_llama_from_model_settings(settings)
-        finally:
-            llama_cpp.Llama = upstream
+def _validation_errors_as_400(route: RouteErrorHandler) -> None:
+    """Upstream's route handler answers any exception with 500, request-validation errors
+    included; this route answers those with 400 and the reason (OpenAI's invalid_request_error)."""
+    upstream = route.error_message_wrapper
+
+    def error_message_wrapper(error, body=None):
+        if isinstance(error, RequestValidationError):
+            reasons = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                                for e in error.errors())
+            return 400, {"message": f"invalid request: {reasons}", "type": "invalid_request_error",
+                         "param": None, "code": None}
+        return upstream(error=error, body=body)
+
+    route.error_message_wrapper = error_message_wrapper
 
 
 def create_app(server_settings: ServerSettings, model_settings: List[SparqModelSettings]):
-    """llama-cpp-python's FastAPI app serving ``sparq_cpp.Llama`` models."""
-    _app.LlamaProxy = SparqLlamaProxy  # the name create_app's set_llama_proxy builds the proxy with
-    # upstream's create_app re-reads CONFIG_FILE with its own settings classes, which would drop
-    # the SparQ fields: main() has read it already
-    config_file = os.environ.pop("CONFIG_FILE", None)
-    try:
-        return _app.create_app(server_settings=server_settings, model_settings=model_settings)
-    finally:
-        if config_file is not None:
-            os.environ["CONFIG_FILE"] = config_file
+    """llama-cpp-python's FastAPI app, its models with their SparQ settings."""
+    if os.environ.get("CONFIG_FILE"):
+        # upstream's create_app would read it again, with settings classes that refuse SparQ fields
+        raise ValueError("CONFIG_FILE is set: read it with main() (or _load_config) and pass its settings")
+    app = _app.create_app(server_settings=server_settings, model_settings=model_settings)
+    proxy = _app._llama_proxy  # upstream's module state: the proxy its create_app just made
+    _with_sparq(proxy(), model_settings[0])  # the default model (the first), loaded by the proxy
+    upstream_load = proxy.load_llama_from_model_settings
+    proxy.load_llama_from_model_settings = lambda settings: _with_sparq(upstream_load(settings), settings)
+    for route in app.routes:
+        if isinstance(route, RouteErrorHandler):
+            _validation_errors_as_400(route)
+    return app
 
 
 def _load_config(path: str) -> SparqConfigFileSettings:
@@ -134,16 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="llama-cpp-python's OpenAI-compatible server with SparQ Attention")
     add_args_from_model(parser, SparqSettings)
     parser.add_argument("--config_file", type=str, help="Path to a config file to load.")
-
-    def fraction(text: str) -> float:
-        try:
-            return parse_fraction(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    for action in parser._actions:  # accept 1/8 as well as 0.125
-        if action.dest == "sparq_compression":
-            action.type = fraction
     return parser
 
 
@@ -151,7 +163,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config_file = os.environ.get("CONFIG_FILE", args.config_file)
+        # as upstream's main: CONFIG_FILE first, then --config_file. This process reads it here,
+        # with the SparQ fields, and drops it from its own environment, where upstream's
+        # create_app would read it again without them (before any thread starts)
+        config_file = os.environ.pop("CONFIG_FILE", None) or args.config_file
         if config_file:
             config = _load_config(config_file)
             server_settings = ServerSettings.model_validate(config)

@@ -1,29 +1,39 @@
-"""SparQ settings: validation in Python, conversion to the C API's ``llama_sparq_params``."""
+"""SparQ settings: the one list of SparQ arguments (``SparqParams``' fields), their validation, the
+budget parser every tool uses, and the conversion to the C API's ``llama_sparq_params``."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Tuple
 
-from ._lib import SPARQ_DENSE, SPARQ_OK, ffi, lib
-
-# keyword arguments of ``Llama`` and ``Llama.set_sparq`` (without the ``sparq_`` prefix there)
-SPARQ_ARGS = ("k", "compression", "r", "l", "realloc", "min_ctx", "layers", "no_tau")
-
+from ._lib import SparqStatus, ffi, lib
+from .budget import parse_compression, parse_fraction  # noqa: F401  (re-exported: sparq_cpp.sparq.parse_*)
 
 _INT32_MAX = 2**31 - 1
 
 
-def parse_fraction(text: str) -> float:
-    """'1/8' or '0.125' -> float; ValueError otherwise."""
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"not a fraction: {text!r}") from None
+def flash_attn_for(params, flash_attn: Optional[bool]) -> Optional[bool]:
+    """The rule for flash attention with SparQ, for ``Llama``, the CLI and the server: SparQ needs
+    V stored row-major, which llama.cpp does with flash attention, so SparQ settings turn it on;
+    an explicit ``flash_attn=False`` with them is an error. Without SparQ, ``flash_attn`` as given."""
+    if params is None:
+        return flash_attn
+    if flash_attn is not None and not flash_attn:
+        raise ValueError("SparQ needs flash_attn=True (V stored row-major); drop flash_attn=False")
+    return True
+
+
+class SparqError(ValueError):
+    """A setting the library refused; ``status`` is its ``SparqStatus``."""
+
+    def __init__(self, status: SparqStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _arg(help: str, default=None):
+    return field(default=default, metadata={"help": help})
 
 
 def _is_int(x) -> bool:
@@ -33,7 +43,9 @@ def _is_int(x) -> bool:
 
 @dataclass(frozen=True)
 class SparqParams:
-    """SparQ Attention settings (arXiv 2312.04985; see the README).
+    """SparQ Attention settings (arXiv 2312.04985; docs/sparq.md). Its fields are the one list of
+    SparQ arguments: ``sparq_<field>`` in ``Llama``, ``--sparq-<field>`` in the CLI,
+    ``--sparq_<field>`` in the server, each with the help text below.
 
     Give either ``k`` (positions read exactly per query) or ``compression`` (target fraction of
     dense attention's K/V reads, which picks r and k from the head size and the context length).
@@ -42,14 +54,14 @@ class SparqParams:
     models, as the paper found), min_ctx 512 (measured: SparQ 1/8 is already faster than dense there), all layers.
     """
 
-    k: Optional[int] = None
-    compression: Optional[float] = None
-    r: Optional[int] = None
-    l: Optional[int] = None
-    realloc: Optional[bool] = None
-    min_ctx: Optional[int] = None
-    layers: Optional[Tuple[int, Optional[int]]] = None
-    no_tau: bool = False
+    k: Optional[int] = _arg("positions read exactly per generated token (instead of compression)")
+    compression: Optional[float] = _arg("target fraction of dense attention's reads, e.g. 1/8 or 0.125 (instead of k)")
+    r: Optional[int] = _arg("query components for the approximate scores (default from the head size)")
+    l: Optional[int] = _arg("local window: the last l positions always read (default k/4)")
+    realloc: Optional[bool] = _arg("mean reallocation: mix with the mean of V (default per model family)")
+    min_ctx: Optional[int] = _arg("cache length from which SparQ replaces dense attention (default 512)")
+    layers: Optional[Tuple[int, Optional[int]]] = _arg("layers START END that may use SparQ (END exclusive; default all)")
+    no_tau: bool = _arg("ablation: scale the approximate scores by the dense scale instead of tau", False)
 
     def __post_init__(self):
         p = "sparq_"
@@ -120,7 +132,7 @@ class SparqParams:
         p.compression = float(self.compression) if self.compression is not None else 0.0
         p.r = self.r or 0
         p.l = -1 if self.l is None else self.l
-        p.realloc = -1 if self.realloc is None else int(self.realloc)
+        p.mean_realloc = -1 if self.realloc is None else int(self.realloc)
         p.min_ctx = -1 if self.min_ctx is None else self.min_ctx
         if self.layers is not None:
             p.layer_start = self.layers[0]
@@ -129,31 +141,47 @@ class SparqParams:
         return p
 
 
+# keyword arguments of ``Llama`` and ``Llama.set_sparq`` (with the ``sparq_`` prefix there)
+SPARQ_ARGS = tuple(f.name for f in fields(SparqParams))
+SPARQ_HELP = {f.name: f.metadata["help"] for f in fields(SparqParams)}
+
 # C status -> the Python argument it is about
-_STATUS_ARG = {-2: "sparq_k", -3: "sparq_compression", -4: "sparq_k", -5: "sparq_r", -6: "sparq_l",
-               -7: "sparq_realloc", -8: "sparq_min_ctx", -9: "sparq_layers"}
+_STATUS_ARG = {SparqStatus.ERR_K: "sparq_k", SparqStatus.ERR_COMPRESSION: "sparq_compression",
+               SparqStatus.ERR_BOTH: "sparq_k", SparqStatus.ERR_R: "sparq_r", SparqStatus.ERR_L: "sparq_l",
+               SparqStatus.ERR_REALLOC: "sparq_realloc", SparqStatus.ERR_MIN_CTX: "sparq_min_ctx",
+               SparqStatus.ERR_LAYERS: "sparq_layers"}
 
 
-def apply(ctx_ptr, params: Optional[SparqParams]) -> int:
-    """Set (or, with None, clear) SparQ on a llama_context pointer; ValueError on refusal."""
-    ctx = ffi.cast("struct llama_context *", ctx_ptr)
-    rc = lib.llama_sparq_set(ctx, ffi.NULL if params is None else params.to_c())
+def _ctx(ctx_ptr):
+    return ffi.cast("struct llama_context *", ctx_ptr)
+
+
+def apply(ctx_ptr, params: Optional[SparqParams]) -> SparqStatus:
+    """Set (or, with None, clear) SparQ on a llama_context pointer: SparqStatus.OK, or DENSE when
+    no layer can use it; SparqError (a ValueError) on refusal."""
+    rc = SparqStatus(lib.llama_sparq_set(_ctx(ctx_ptr), ffi.NULL if params is None else params.to_c()))
     if rc < 0:
         msg = ffi.string(lib.llama_sparq_strerror(rc)).decode()
         arg = _STATUS_ARG.get(rc)
-        raise ValueError(f"{arg}: {msg}" if arg else msg)
-    assert rc in (SPARQ_OK, SPARQ_DENSE)
+        raise SparqError(rc, f"{arg}: {msg}" if arg else msg)
     return rc
+
+
+def prepare_cache(ctx_ptr) -> SparqStatus:
+    """llama_sparq_prepare_cache: get an empty cache ready for SparQ without turning it on (with a
+    quantized cache, llama.cpp's Hadamard rotation of Q and K is turned off). OK, ROTATED (the
+    cache already holds rotated keys) or DENSE (no cache SparQ can use)."""
+    return SparqStatus(lib.llama_sparq_prepare_cache(_ctx(ctx_ptr)))
 
 
 def is_set(ctx_ptr) -> bool:
     """Whether SparQ is set on the context (the library's answer)."""
-    return lib.llama_sparq_get(ffi.cast("struct llama_context *", ctx_ptr), ffi.NULL) == 1
+    return lib.llama_sparq_get(_ctx(ctx_ptr), ffi.NULL) == 1
 
 
 def stats(ctx_ptr) -> dict:
     s = ffi.new("struct llama_sparq_stats *")
-    lib.llama_sparq_stats_get(ffi.cast("struct llama_context *", ctx_ptr), s)
+    lib.llama_sparq_stats_get(_ctx(ctx_ptr), s)
     out = {f: getattr(s, f) for f in ("n_tokens_sparq", "n_tokens_dense", "n_layers_sparq", "n_layers",
                                       "bytes_attn_sparq", "bytes_attn_dense", "extra_bytes")}
     out["read_fraction"] = (out["bytes_attn_sparq"] / out["bytes_attn_dense"]) if out["bytes_attn_dense"] else None
@@ -161,4 +189,4 @@ def stats(ctx_ptr) -> dict:
 
 
 def reset_stats(ctx_ptr) -> None:
-    lib.llama_sparq_stats_reset(ffi.cast("struct llama_context *", ctx_ptr))
+    lib.llama_sparq_stats_reset(_ctx(ctx_ptr))

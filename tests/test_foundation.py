@@ -1,6 +1,7 @@
 """Foundation: our library is the one loaded, real models generate sensible text, bad input is refused."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,19 @@ def test_cli_info_and_generate():
     assert "Paris" in r.stdout
     r = subprocess.run(exe + ["generate", "-m", "no-such-model"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown model" in r.stderr
+
+
+def test_cli_demo_shows_dense_and_sparq_with_their_speeds():
+    # make demo's command, shortened: both answers and both decode speeds, SparQ having run
+    r = subprocess.run([sys.executable, "-m", "sparq_cpp.cli", "demo", "--prompt-tokens", "1500", "-n", "12"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "--- dense attention ---" in out and "--- SparQ, compression 1/8 ---" in out
+    dense = re.search(r"\| dense \(flash attention\) \| ([\d.]+) \|", out)
+    sparq = re.search(r"\| SparQ 1/8 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out)
+    assert dense and sparq, out
+    assert float(dense.group(1)) > 0 and float(sparq.group(1)) > 0
+    assert 0.05 < float(sparq.group(3)) < 0.2  # SparQ read about 1/8 of dense's bytes
+    m = re.search(r"SparQ decoded (\d+) tokens on 30 of 30 attention layers", out)
+    assert m and int(m.group(1)) > 1, out

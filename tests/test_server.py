@@ -201,12 +201,18 @@ def test_bad_requests_get_http_errors_and_the_server_lives(servers, prompts):
     r = requests.post(sparq.url + "/v1/completions", data="{not json", timeout=60,
                       headers={"Content-Type": "application/json"})
     assert r.status_code >= 400
-    r = sparq.post("/v1/completions", dict(prompt="x", max_tokens="many"))
-    assert r.status_code >= 400  # llama-cpp-python's route handler answers 500 with the validation error
+    # invalid request bodies: 400 with the reason, as OpenAI's API answers (llama-cpp-python's
+    # route handler alone answers 500)
+    for body, field in [(dict(prompt="x", max_tokens="many"), "max_tokens"), (dict(prompt="x", max_tokens=-5), "max_tokens"),
+                        (dict(prompt="x", temperature="hot"), "temperature")]:
+        r = sparq.post("/v1/completions", body)
+        assert r.status_code == 400, (r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and field in err["message"], err
     r = sparq.post("/v1/completions", dict(prompt="word " * (N_CTX + 100), max_tokens=4))
     assert r.status_code == 400 and "context" in r.text.lower()
     r = sparq.post("/v1/chat/completions", dict(messages="not a list"))
-    assert r.status_code >= 400
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"], r.text
     assert sparq.alive()
     assert _completion(sparq, prompts[0]) == _completion(sparq, prompts[0])
 

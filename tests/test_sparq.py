@@ -350,7 +350,7 @@ def test_c_api_returns_error_codes():
     assert lib.llama_sparq_set(ffi.NULL, p) == -1
     cases = [dict(k=-1), dict(k=0, compression=0), dict(k=8, compression=0.5), dict(k=0, compression=2.0),
              dict(k=0, compression=float("nan")), dict(k=8, compression=0, r=-2), dict(k=8, compression=0, l=9),
-             dict(k=8, compression=0, realloc=2), dict(k=8, compression=0, min_ctx=-5),
+             dict(k=8, compression=0, mean_realloc=2), dict(k=8, compression=0, min_ctx=-5),
              dict(k=8, compression=0, layer_start=5, layer_end=3), dict(k=8, compression=0, r=1000)]
     for c in cases:
         p[0] = lib.llama_sparq_default_params()

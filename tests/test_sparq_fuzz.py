@@ -70,7 +70,7 @@ ok = bad = 0
 p = ffi.new("struct llama_sparq_params *")
 for i in range(1000):
     p[0] = lib.llama_sparq_default_params()
-    for f in ("k", "r", "l", "realloc", "min_ctx", "layer_start", "layer_end"):
+    for f in ("k", "r", "l", "mean_realloc", "min_ctx", "layer_start", "layer_end"):
         if random.random() < 0.5:
             setattr(p, f, random.choice(ints))
     if random.random() < 0.5:
