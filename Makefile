@@ -1,6 +1,6 @@
 # sparq-cpp: the two commands are `make demo` and `make test`; each sets itself up on a fresh clone.
 #
-#   make demo      .venv + build, then generate text with the default model (smollm2-135m)
+#   make demo      .venv + build, then the default model (smollm2-135m) answers a long essay, dense and SparQ
 #   make test      .venv + build (with the op tests), then pytest
 #   make build     (re)build the native library into sparq_cpp/lib (incremental)
 #   make bench-op  the SparQ op benchmark against dense attention (scripts/bench_op.py)
@@ -40,10 +40,10 @@ build: $(STAMP)
 	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(VPY) -m pip install --quiet --disable-pip-version-check \
 	  --no-build-isolation --no-deps -e . -Ccmake.define.SPARQ_BUILD_TESTS=ON
 
+# a long essay answered with dense attention and with SparQ 1/8: both answers, both decode speeds
 demo: build
 	$(VENV)/bin/sparq-cpp info
-	$(VENV)/bin/sparq-cpp generate -m smollm2-135m --chat -n 96 \
-	  -p "In two sentences, what is attention in a transformer language model?"
+	$(VENV)/bin/sparq-cpp demo -m smollm2-135m
 
 test: build
 	$(VPY) -m pytest tests
