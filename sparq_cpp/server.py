@@ -13,9 +13,9 @@ pydantic settings); ``SparqModelSettings`` adds ``--sparq_<field>`` for each fie
 How it hooks in, without replacing anything of llama-cpp-python's module-wide: upstream's
 ``create_app`` builds the app and its model proxy, which loads each model with upstream's loader
 (a ``llama_cpp.Llama``); ``create_app`` here then sets SparQ on the loaded model's context, and
-on each model the proxy loads later (an attribute of that proxy object alone), and answers
-request-validation errors with HTTP 400 and the reason, as OpenAI's API does, where upstream's
-route handler answers 500 (an attribute of this app's routes alone).
+on each model the proxy loads later (an attribute of that proxy object alone); a middleware of
+this app answers request bodies that fail validation with HTTP 400 and the reason, as OpenAI's
+API does, where upstream's route handler answers 500.
 
 The server needs llama-cpp-python's ``server`` extra: ``pip install 'sparq-cpp[server]'``.
 """
@@ -31,11 +31,12 @@ from typing import List, Optional, Union
 
 try:
     import uvicorn
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import Field, create_model, field_validator, model_validator
+    from fastapi.responses import JSONResponse
+    from fastapi.routing import APIRoute
+    from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+    from starlette.routing import Match
     import llama_cpp.server.app as _app
     from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
-    from llama_cpp.server.errors import RouteErrorHandler
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(f"the SparQ server needs llama-cpp-python's server extra ({e.name} is missing): "
@@ -47,7 +48,7 @@ from .budget import parse_compression
 from .models import KNOWN_MODELS, model_path
 from .sparq import SPARQ_HELP, SparqParams, flash_attn_for
 
-__all__ = ["SparqModelSettings", "SparqSettings", "create_app", "main"]
+__all__ = ["SparqModelSettings", "SparqSettings", "RequestValidation", "create_app", "main"]
 
 # the pydantic type of each SparQ field (the server's flags are generated from these); the
 # compression is a string on the command line ("1/8"), a number or a string in a config file
@@ -107,20 +108,52 @@ def _with_sparq(llm, settings: ModelSettings):
     return llm
 
 
-def _validation_errors_as_400(route: RouteErrorHandler) -> None:
-    """Upstream's route handler answers any exception with 500, request-validation errors
-    included; this route answers those with 400 and the reason (OpenAI's invalid_request_error)."""
-    upstream = route.error_message_wrapper
+class RequestValidation:
+    """ASGI middleware of one app: a POST body that fails its route's request model (upstream's
+    CreateCompletionRequest, ...) is answered with HTTP 400 and the reason, as OpenAI's API does
+    (``invalid_request_error``), before the route runs; upstream's route handler would answer
+    it with 500. Bodies that are not JSON go on to the route, as before."""
 
-    def error_message_wrapper(error, body=None):
-        if isinstance(error, RequestValidationError):
-            reasons = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
-                                for e in error.errors())
-            return 400, {"message": f"invalid request: {reasons}", "type": "invalid_request_error",
-                         "param": None, "code": None}
-        return upstream(error=error, body=body)
+    def __init__(self, app, routes):
+        self.app = app
+        self.routes = [r for r in routes if isinstance(r, APIRoute) and r.body_field is not None]
 
-    route.error_message_wrapper = error_message_wrapper
+    async def __call__(self, scope, receive, send):
+        route = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = next((r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
+        if route is None:
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None  # not JSON: the route answers it
+        if data is not None:
+            try:
+                route.body_field.field_info.annotation.model_validate(data)
+            except ValidationError as e:
+                reasons = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}"
+                                    for err in e.errors())
+                response = JSONResponse({"error": {"message": f"invalid request: {reasons}",
+                                                   "type": "invalid_request_error", "param": None, "code": None}},
+                                        status_code=400)
+                return await response(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
 
 
 def create_app(server_settings: ServerSettings, model_settings: List[SparqModelSettings]):
@@ -133,9 +166,7 @@ def create_app(server_settings: ServerSettings, model_settings: List[SparqModelS
     _with_sparq(proxy(), model_settings[0])  # the default model (the first), loaded by the proxy
     upstream_load = proxy.load_llama_from_model_settings
     proxy.load_llama_from_model_settings = lambda settings: _with_sparq(upstream_load(settings), settings)
-    for route in app.routes:
-        if isinstance(route, RouteErrorHandler):
-            _validation_errors_as_400(route)
+    app.add_middleware(RequestValidation, routes=_app.router.routes)
     return app
 
 
