@@ -27,7 +27,8 @@ import json
 import os
 import sys
 import warnings
-from typing import List, Optional, Union
+from dataclasses import fields
+from typing import List, Optional, Union, get_type_hints
 
 try:
     import uvicorn
@@ -50,16 +51,15 @@ from .sparq import SPARQ_HELP, SparqParams, flash_attn_for
 
 __all__ = ["SparqModelSettings", "SparqSettings", "RequestValidation", "create_app", "main"]
 
-# the pydantic type of each SparQ field (the server's flags are generated from these); the
-# compression is a string on the command line ("1/8"), a number or a string in a config file
-_FIELD_TYPES = {"k": Optional[int], "compression": Optional[Union[str, float]], "r": Optional[int],
-                "l": Optional[int], "realloc": Optional[bool], "min_ctx": Optional[int],
-                "layers": Optional[List[int]], "no_tau": bool}
-
+# SparqParams' fields as pydantic settings fields (the server's flags are generated from them),
+# with their types, defaults and help; two take another form on a command line: the compression
+# a string ("1/8") or a number, the layers a list (START END)
+_CLI_TYPES = {"compression": Optional[Union[str, float]], "layers": Optional[List[int]]}
+_HINTS = get_type_hints(SparqParams)
 _SparqFields = create_model(
     "_SparqFields", __base__=ModelSettings,
-    **{f"sparq_{a}": (_FIELD_TYPES[a], Field(default=False if a == "no_tau" else None, description=f"SparQ: {h}"))
-       for a, h in SPARQ_HELP.items()})
+    **{f"sparq_{f.name}": (_CLI_TYPES.get(f.name, _HINTS[f.name]), Field(default=f.default, description=f"SparQ: {SPARQ_HELP[f.name]}"))
+       for f in fields(SparqParams)})
 
 
 class SparqModelSettings(_SparqFields):
