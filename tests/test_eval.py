@@ -1,10 +1,12 @@
 """`sparq-cpp eval` in small: SparQ against the window baseline of the same read budget, and the
 needle at 1/4, on smollm2-135m with a 2048-token essay context (the full run is in the README).
 
-Measured here (perplexity ratio / agreement / KL against dense over 64 tokens): SparQ 1/4
-0.989 / 0.952 / 0.010 against the window's 2.62 / 0.571 / 0.727; 1/8 1.008 / 0.921 / 0.030
-against 2.74 / 0.556 / 0.886; 1/16 1.265 / 0.698 / 0.172 against 1.98 / 0.619 / 0.618. The
-asserts are the orderings, the smallest gap being 0.08 in agreement at 1/16.
+Measured (perplexity ratio / agreement / KL against dense over 64 tokens), AVX2-only build:
+SparQ 1/4 0.992 / 0.952 / 0.010 against the window's 2.62 / 0.571 / 0.727; 1/8 1.014 / 0.921 /
+0.031 against 2.74 / 0.556 / 0.886; 1/16 1.272 / 0.730 / 0.173 against 1.98 / 0.619 / 0.618. On
+an AVX-512 CPU: 1/4 0.970 / 0.937 / 0.010 against 2.65 / 0.587 / 0.743; 1/8 0.996 / 0.952 / 0.028
+against 2.74 / 0.540 / 0.883; 1/16 1.263 / 0.714 / 0.172 against 1.98 / 0.635 / 0.607. The
+asserts are the orderings, the smallest gap being 0.079 in agreement at 1/16 (AVX-512).
 """
 
 import json
