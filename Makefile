@@ -6,6 +6,7 @@
 #   make bench-op  the SparQ op benchmark against dense attention (scripts/bench_op.py)
 #   make sanitize  AddressSanitizer + UBSan build (build/sanitize), then the op and cache tests on it
 #   make test-avx2 the whole test suite again on an AVX2-only build (build/avx2, AVX-512 off)
+#   make test-arm  the op's NEON paths: two aarch64 cross-builds, their op tests under qemu-aarch64
 #   make clean     remove the build folder and the staged libraries (keeps .venv and caches)
 
 PYTHON ?= python3
@@ -19,7 +20,7 @@ UP_PKG := $(call upstream,SPARQ_UPSTREAM_PACKAGE)
 UP_VER := $(call upstream,SPARQ_UPSTREAM_VERSION)
 UP_SHA := $(call upstream,SPARQ_UPSTREAM_SHA256)
 
-.PHONY: setup build demo test test-avx2 bench-op sanitize clean
+.PHONY: setup build demo test test-avx2 test-arm bench-op sanitize clean
 
 # The virtual environment: re-created when missing or broken, refreshed when the pinned
 # requirements change. llama-cpp-python is installed from the same pinned source tarball as our
@@ -84,6 +85,12 @@ test-avx2: $(STAMP)
 	@grep -q "AVX2 = 1" $(AVX2_DIR)/info.txt && ! grep -q "AVX512 = 1" $(AVX2_DIR)/info.txt || \
 	  { echo "test-avx2: the library in $(AVX2_DIR)/lib is not an AVX2-only build"; exit 1; }
 	$(AVX2_ENV) $(VPY) -m pytest tests
+
+# The op on 64-bit ARM without an ARM machine (scripts/test_arm.sh): armv8.2-a+fp16 and armv8-a
+# cross-builds of ggml with the op (Debian's g++-aarch64-linux-gnu), test-sparq-op and
+# test-backend-ops -o SPARQ_ATTN under user-mode QEMU (qemu-user-static).
+test-arm: $(STAMP)
+	scripts/test_arm.sh $(VPY)
 
 clean:
 	rm -rf build sparq_cpp/lib

@@ -1,6 +1,10 @@
-// sparq-cpp: the inner loops of the CPU kernel (sparq.cpp), each with its x86 SIMD path
-// (AVX2/F16C/FMA) and a plain one: the mask scan, the selection's histogram and top-k, step 2's
-// approximate logits, and the dot products of a K row with a group's queries.
+// sparq-cpp: the inner loops of the CPU kernel (sparq.cpp), each with its x86 path (AVX2, F16C,
+// FMA), its ARM path (AArch64 NEON) and a plain one: the mask scan, the selection's compare
+// passes, step 2's approximate logits, the dot products of a K row with a group's queries, and
+// the accumulation of a V row into a group's sums. Both vector paths compute in fp32 (f16 and
+// q8_0 values converted on the fly), in the same order of operations where it matters for the
+// selection (the logits are one fused multiply-add of the accumulated dot and tau's scale onto
+// the mask), so they select what the plain path and the reference select.
 #pragma once
 
 #include "sparq-impl.h"
@@ -9,7 +13,24 @@
 #include <cmath>
 #include <functional>
 
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define SPARQ_SIMD_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define SPARQ_SIMD_NEON 1
+#endif
+#if defined(SPARQ_SIMD_AVX2) || defined(SPARQ_SIMD_NEON)
+#define SPARQ_SIMD 1  // step2_range, dot_group_* and mad_group_* exist (f16 K^T, f16/q8_0 K and V)
+#endif
+
 namespace ggml_sparq {
+
+#if defined(SPARQ_SIMD_NEON)
+// lanes of a NEON compare result as bits of a 64-bit word: 8 bits per 16-bit lane, 16 per 32-bit lane
+inline uint64_t neon_bits_u16(uint16x8_t m) { return vget_lane_u64(vreinterpret_u64_u8(vshrn_n_u16(m, 4)), 0); }
+inline uint64_t neon_bits_u32(uint32x4_t m) { return vget_lane_u64(vreinterpret_u64_u16(vmovn_u32(m)), 0); }
+inline const float16_t * f16p(const ggml_fp16_t * p) { return (const float16_t *) p; }
+#endif
 
 // split [lo, hi) into nth pieces aligned to 16 positions; returns thread ith's piece
 inline void split_range(int64_t lo, int64_t hi, int ith, int nth, int64_t & c0, int64_t & c1) {
@@ -33,16 +54,17 @@ inline void score_histogram(const float * gs, int64_t c0, int64_t c1, int hbits,
 }
 
 // Top-k of gs[lo, hi) (entries < 0 are never chosen), written in position order to sel, from the
-// threads' histograms (hists[t]; summed into hists[0]): the bin holding the k-th largest, an
-// nth_element over that bin's members for the exact threshold T, then one pass that emits the
-// scores above T and the first ties at T (ties go to the lower positions). As int32, the scores'
-// bits compare like the values and masked entries (sign bit set) are below every threshold.
+// nh threads' histograms (thread t's at hist0 + t*hstride; summed into thread 0's): the bin
+// holding the k-th largest, an nth_element over that bin's members for the exact threshold T,
+// then one pass that emits the scores above T and the first ties at T (ties go to the lower
+// positions). As int32, the scores' bits compare like the values and masked entries (sign bit
+// set) are below every threshold.
 inline int32_t select_top_k(const float * gs, int64_t lo, int64_t hi, int32_t k, int32_t * sel,
-                     int32_t * const * hists, int nh, int hbits, uint32_t * cand) {
+                     int32_t * hist0, size_t hstride, int nh, int hbits, uint32_t * cand) {
     const int64_t nbins = int64_t(1) << hbits;
-    int32_t * hist = hists[0];
+    int32_t * hist = hist0;
     for (int t = 1; t < nh; ++t) {
-        for (int64_t i = 0; i < nbins; ++i) hist[i] += hists[t][i];
+        for (int64_t i = 0; i < nbins; ++i) hist[i] += hist0[t*hstride + i];
     }
     int32_t above = 0;
     int64_t bin = nbins/2 - 1;  // the sign bit is clear
@@ -64,6 +86,15 @@ inline int32_t select_top_k(const float * gs, int64_t lo, int64_t hi, int32_t k,
             const __m256i u = _mm256_loadu_si256((const __m256i *) (ibits + p));
             int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpgt_epi32(u, vhi), _mm256_cmpgt_epi32(u, vlo))));
             while (m) { cand[nc++] = (uint32_t) ibits[p + __builtin_ctz(m)]; m &= m - 1; }
+        }
+    }
+#elif defined(SPARQ_SIMD_NEON)
+    {
+        const int32x4_t vlo = vdupq_n_s32(lo_b), vhi = vdupq_n_s32(hi_b);
+        for (; p + 4 <= hi; p += 4) {
+            const int32x4_t u = vld1q_s32(ibits + p);
+            uint64_t m = neon_bits_u32(vandq_u32(vcgtq_s32(u, vlo), vcleq_s32(u, vhi)));
+            while (m) { const int e = __builtin_ctzll(m)/16; cand[nc++] = (uint32_t) ibits[p + e]; m &= ~(0xFFFFull << 16*e); }
         }
     }
 #endif
@@ -90,6 +121,21 @@ inline int32_t select_top_k(const float * gs, int64_t lo, int64_t hi, int32_t k,
                 continue;
             }
             while (m) { sel[n++] = (int32_t) (p + __builtin_ctz(m)); m &= m - 1; }
+        }
+    }
+#elif defined(SPARQ_SIMD_NEON)
+    {
+        const int32x4_t vt = vdupq_n_s32(T);
+        for (; p + 4 <= hi; p += 4) {
+            const int32x4_t u = vld1q_s32(ibits + p);
+            if (ties > 0 && vmaxvq_u32(vceqq_s32(u, vt))) {
+                for (int e = 0; e < 4; ++e) {
+                    if (ibits[p + e] > T || (ibits[p + e] == T && ties-- > 0)) sel[n++] = (int32_t) (p + e);
+                }
+                continue;
+            }
+            uint64_t m = neon_bits_u32(vcgtq_s32(u, vt));
+            while (m) { const int e = __builtin_ctzll(m)/16; sel[n++] = (int32_t) (p + e); m &= ~(0xFFFFull << 16*e); }
         }
     }
 #endif
@@ -127,6 +173,28 @@ inline void scan_visible(const ggml_tensor * mask, const char * mrow, int64_t S,
             }
         }
     }
+#elif defined(SPARQ_SIMD_NEON)
+    if (mask->type == GGML_TYPE_F16) {  // 8 positions a step: 8 bits each
+        const uint16x8_t ninf = vdupq_n_u16(0xFC00);
+        for (; p + 8 <= S; p += 8) {
+            const uint64_t vis = ~neon_bits_u16(vceqq_u16(vld1q_u16((const uint16_t *) mrow + p), ninf));
+            if (vis) {
+                if (n_vis == 0) p_lo = (int32_t) (p + __builtin_ctzll(vis)/8);
+                p_hi = (int32_t) (p + (63 - __builtin_clzll(vis))/8 + 1);
+                n_vis += __builtin_popcountll(vis)/8;
+            }
+        }
+    } else {  // 4 positions a step: 16 bits each
+        const uint32x4_t ninf = vdupq_n_u32(0xFF800000u);
+        for (; p + 4 <= S; p += 4) {
+            const uint64_t vis = ~neon_bits_u32(vceqq_u32(vld1q_u32((const uint32_t *) mrow + p), ninf));
+            if (vis) {
+                if (n_vis == 0) p_lo = (int32_t) (p + __builtin_ctzll(vis)/16);
+                p_hi = (int32_t) (p + (63 - __builtin_clzll(vis))/16 + 1);
+                n_vis += __builtin_popcountll(vis)/16;
+            }
+        }
+    }
 #endif
     for (; p < S; ++p) {
         if (!masked_at(mask, mrow, p)) {
@@ -137,7 +205,7 @@ inline void scan_visible(const ggml_tensor * mask, const char * mrow, int64_t S,
     }
 }
 
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#if defined(SPARQ_SIMD_AVX2)
 // Step 2 for NG (<= 4) heads of a group over positions [p0, p0 + n), n a multiple of 8*NV: the
 // NG*NV accumulators (NV vectors of 8 positions per head) stay in registers across the r rows of
 // K^T (f16, converted on the fly; rows[jj] is row i1[jj] at position 0, qs[jj*NG + h] the query
@@ -186,36 +254,108 @@ inline void step2_avx2(int64_t p0, int64_t n, int r, const ggml_fp16_t * const *
     }
 }
 
-// the above on [p0, p0 + n), n a multiple of 8: wide blocks, then single vectors
-template <int NG>
-inline void step2_avx2_range(int64_t p0, int64_t n, int r, const ggml_fp16_t * const * rows, const float * qs,
-                      const float * asc, const ggml_tensor * mask, const char * mrow,
-                      float * const * Lh, float * gs, float * lmax) {
-    constexpr int NV = NG <= 2 ? 4 : 2;
-    const int64_t nw = n - n % (8*NV);
-    step2_avx2<NG, NV>(p0, nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
-    step2_avx2<NG, 1>(p0 + nw, n - nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+#endif
+
+#if defined(SPARQ_SIMD_NEON)
+// Step 2 as step2_avx2, with NEON: NV units of 8 positions (two vectors of 4) per head in
+// registers, f16 K^T converted on the fly, logits = acc*ascale + mask in one fused multiply-add
+template <int NG, int NV>
+inline void step2_neon(int64_t p0, int64_t n, int r, const ggml_fp16_t * const * rows, const float * qs,
+                       const float * asc, const ggml_tensor * mask, const char * mrow,
+                       float * const * Lh, float * gs, float * lmax) {
+    float32x4_t vmax[NG];
+    for (int h = 0; h < NG; ++h) vmax[h] = vdupq_n_f32(lmax[h]);
+    const float32x4_t ninf = vdupq_n_f32(-INFINITY);
+    const uint32x4_t neg1 = vreinterpretq_u32_f32(vdupq_n_f32(-1.0f));
+    for (int64_t i = 0; i < n; i += 8*NV) {
+        const int64_t p = p0 + i;
+        float32x4_t a[NG][2*NV];
+        for (int h = 0; h < NG; ++h) for (int e = 0; e < 2*NV; ++e) a[h][e] = vdupq_n_f32(0.0f);
+        for (int jj = 0; jj < r; ++jj) {
+            float32x4_t x[2*NV];
+            for (int u = 0; u < NV; ++u) {
+                const float16x8_t hx = vld1q_f16(f16p(rows[jj] + p + 8*u));
+                x[2*u]     = vcvt_f32_f16(vget_low_f16(hx));
+                x[2*u + 1] = vcvt_high_f32_f16(hx);
+            }
+            for (int h = 0; h < NG; ++h) {
+                const float32x4_t qb = vdupq_n_f32(qs[jj*NG + h]);
+                for (int e = 0; e < 2*NV; ++e) a[h][e] = vfmaq_f32(a[h][e], x[e], qb);
+            }
+        }
+        for (int e = 0; e < 2*NV; ++e) {
+            const int64_t pe = p + 4*e;
+            const float32x4_t m = mask->type == GGML_TYPE_F16 ? vcvt_f32_f16(vld1_f16(f16p((const ggml_fp16_t *) mrow + pe)))
+                                                              : vld1q_f32((const float *) mrow + pe);
+            const uint32x4_t is_masked = vceqq_f32(m, ninf);
+            vst1q_f32(gs + pe, vreinterpretq_f32_u32(vandq_u32(is_masked, neg1)));
+            for (int h = 0; h < NG; ++h) {
+                const float32x4_t x = vbslq_f32(is_masked, ninf, vfmaq_f32(m, a[h][e], vdupq_n_f32(asc[h])));
+                vst1q_f32(Lh[h] + pe, x);
+                vmax[h] = vmaxq_f32(vmax[h], x);
+            }
+        }
+    }
+    for (int h = 0; h < NG; ++h) lmax[h] = std::max(lmax[h], vmaxvq_f32(vmax[h]));
 }
 #endif
 
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#if defined(SPARQ_SIMD)
+// Step 2 for NG (<= 4) heads of a group over positions [p0, p0 + n), n a multiple of 8: wide
+// blocks, then single units; rows[jj] is K^T row i1[jj] (f16) at position 0, qs[jj*NG + h] the
+// query value it multiplies, asc[h] the heads' scales; writes the logits (-inf where masked) to
+// Lh[h], gs = -1 where masked and 0 elsewhere, and raises lmax[h] to the logits' max.
+template <int NG>
+inline void step2_range(int64_t p0, int64_t n, int r, const ggml_fp16_t * const * rows, const float * qs,
+                        const float * asc, const ggml_tensor * mask, const char * mrow,
+                        float * const * Lh, float * gs, float * lmax) {
+    constexpr int NV = NG <= 2 ? 4 : 2;
+    const int64_t nw = n - n % (8*NV);
+#if defined(SPARQ_SIMD_AVX2)
+    step2_avx2<NG, NV>(p0, nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+    step2_avx2<NG, 1>(p0 + nw, n - nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+#else
+    step2_neon<NG, NV>(p0, nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+    step2_neon<NG, 1>(p0 + nw, n - nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+#endif
+}
+#endif
+
+#if defined(SPARQ_SIMD_AVX2)
+inline float hsum(__m256 a) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+#endif
+
+#if defined(SPARQ_SIMD)
 // dots of one f16 K row with the G f32 queries of a group (q: G rows of D), D a multiple of 8;
 // each 8 values of K are converted once and used by up to 4 heads
 inline void dot_group_f16(const ggml_fp16_t * kr, const float * q, int64_t D, int64_t G, float * out) {
     for (int64_t h0 = 0; h0 < G; h0 += 4) {
         const int64_t ng = std::min<int64_t>(4, G - h0);
         const float * q0 = q + h0*D;
+#if defined(SPARQ_SIMD_AVX2)
         __m256 a[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
         for (int64_t j = 0; j < D; j += 8) {
             const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (kr + j)));
             for (int64_t h = 0; h < ng; ++h) a[h] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q0 + h*D + j), a[h]);
         }
-        for (int64_t h = 0; h < ng; ++h) {
-            __m128 x = _mm_add_ps(_mm256_castps256_ps128(a[h]), _mm256_extractf128_ps(a[h], 1));
-            x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-            x = _mm_add_ss(x, _mm_movehdup_ps(x));
-            out[h0 + h] = _mm_cvtss_f32(x);
+        for (int64_t h = 0; h < ng; ++h) out[h0 + h] = hsum(a[h]);
+#else
+        float32x4_t a[4] = { vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f) };
+        for (int64_t j = 0; j < D; j += 8) {
+            const float16x8_t hk = vld1q_f16(f16p(kr + j));
+            const float32x4_t lo = vcvt_f32_f16(vget_low_f16(hk)), hi = vcvt_high_f32_f16(hk);
+            for (int64_t h = 0; h < ng; ++h) {
+                a[h] = vfmaq_f32(a[h], lo, vld1q_f32(q0 + h*D + j));
+                a[h] = vfmaq_f32(a[h], hi, vld1q_f32(q0 + h*D + j + 4));
+            }
         }
+        for (int64_t h = 0; h < ng; ++h) out[h0 + h] = vaddvq_f32(a[h]);
+#endif
     }
 }
 
@@ -224,6 +364,7 @@ inline void dot_group_q8_0(const block_q8_0 * kr, const float * q, int64_t D, in
     for (int64_t h0 = 0; h0 < G; h0 += 4) {
         const int64_t ng = std::min<int64_t>(4, G - h0);
         const float * q0 = q + h0*D;
+#if defined(SPARQ_SIMD_AVX2)
         __m256 a[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
         for (int64_t ib = 0; ib < D/QK8_0; ++ib) {
             const __m256 dv = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(kr[ib].d));
@@ -232,14 +373,76 @@ inline void dot_group_q8_0(const block_q8_0 * kr, const float * q, int64_t D, in
                 for (int64_t h = 0; h < ng; ++h) a[h] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q0 + h*D + ib*QK8_0 + j), a[h]);
             }
         }
-        for (int64_t h = 0; h < ng; ++h) {
-            __m128 x = _mm_add_ps(_mm256_castps256_ps128(a[h]), _mm256_extractf128_ps(a[h], 1));
-            x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-            x = _mm_add_ss(x, _mm_movehdup_ps(x));
-            out[h0 + h] = _mm_cvtss_f32(x);
+        for (int64_t h = 0; h < ng; ++h) out[h0 + h] = hsum(a[h]);
+#else
+        float32x4_t a[4] = { vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f) };
+        for (int64_t ib = 0; ib < D/QK8_0; ++ib) {
+            const float dv = GGML_CPU_FP16_TO_FP32(kr[ib].d);
+            for (int64_t j = 0; j < QK8_0; j += 8) {
+                const int16x8_t w = vmovl_s8(vld1_s8(kr[ib].qs + j));
+                const float32x4_t lo = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), dv);
+                const float32x4_t hi = vmulq_n_f32(vcvtq_f32_s32(vmovl_high_s16(w)), dv);
+                for (int64_t h = 0; h < ng; ++h) {
+                    a[h] = vfmaq_f32(a[h], lo, vld1q_f32(q0 + h*D + ib*QK8_0 + j));
+                    a[h] = vfmaq_f32(a[h], hi, vld1q_f32(q0 + h*D + ib*QK8_0 + j + 4));
+                }
+            }
+        }
+        for (int64_t h = 0; h < ng; ++h) out[h0 + h] = vaddvq_f32(a[h]);
+#endif
+    }
+}
+
+// acc[hh*acc_stride + j] += w[hh*w_stride] * v[j] for the G heads of a group and one f16 V row of
+// Dv values (a multiple of 8): each 8 values are converted once, for all heads
+inline void mad_group_f16(const ggml_fp16_t * v, int64_t Dv, int64_t G, const float * w, int64_t w_stride,
+                          float * acc, size_t acc_stride) {
+    for (int64_t j = 0; j < Dv; j += 8) {
+#if defined(SPARQ_SIMD_AVX2)
+        const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v + j)));
+        for (int64_t hh = 0; hh < G; ++hh) {
+            float * a = acc + hh*acc_stride + j;
+            _mm256_storeu_ps(a, _mm256_fmadd_ps(vv, _mm256_set1_ps(w[hh*w_stride]), _mm256_loadu_ps(a)));
+        }
+#else
+        const float16x8_t hv = vld1q_f16(f16p(v + j));
+        const float32x4_t lo = vcvt_f32_f16(vget_low_f16(hv)), hi = vcvt_high_f32_f16(hv);
+        for (int64_t hh = 0; hh < G; ++hh) {
+            float * a = acc + hh*acc_stride + j;
+            const float32x4_t wb = vdupq_n_f32(w[hh*w_stride]);
+            vst1q_f32(a,     vfmaq_f32(vld1q_f32(a),     lo, wb));
+            vst1q_f32(a + 4, vfmaq_f32(vld1q_f32(a + 4), hi, wb));
+        }
+#endif
+    }
+}
+
+// the same for a Q8_0 V row (Dv a multiple of 32): each 8 values are scaled once, for all heads
+inline void mad_group_q8_0(const block_q8_0 * v, int64_t Dv, int64_t G, const float * w, int64_t w_stride,
+                           float * acc, size_t acc_stride) {
+    for (int64_t ib = 0; ib < Dv/QK8_0; ++ib) {
+        const float dv = GGML_CPU_FP16_TO_FP32(v[ib].d);
+        for (int64_t j = 0; j < QK8_0; j += 8) {
+#if defined(SPARQ_SIMD_AVX2)
+            const __m256 vv = _mm256_mul_ps(_mm256_set1_ps(dv), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (v[ib].qs + j)))));
+            for (int64_t hh = 0; hh < G; ++hh) {
+                float * a = acc + hh*acc_stride + ib*QK8_0 + j;
+                _mm256_storeu_ps(a, _mm256_fmadd_ps(vv, _mm256_set1_ps(w[hh*w_stride]), _mm256_loadu_ps(a)));
+            }
+#else
+            const int16x8_t x = vmovl_s8(vld1_s8(v[ib].qs + j));
+            const float32x4_t lo = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(x))), dv);
+            const float32x4_t hi = vmulq_n_f32(vcvtq_f32_s32(vmovl_high_s16(x)), dv);
+            for (int64_t hh = 0; hh < G; ++hh) {
+                float * a = acc + hh*acc_stride + ib*QK8_0 + j;
+                const float32x4_t wb = vdupq_n_f32(w[hh*w_stride]);
+                vst1q_f32(a,     vfmaq_f32(vld1q_f32(a),     lo, wb));
+                vst1q_f32(a + 4, vfmaq_f32(vld1q_f32(a + 4), hi, wb));
+            }
+#endif
         }
     }
 }
-#endif
+#endif // SPARQ_SIMD
 
 } // namespace ggml_sparq

@@ -6,7 +6,7 @@
 //                     window, i1, tau; items with k >= visible take every visible row (dense)
 //                     and skip steps 2-3
 //   approx_logits     step 2, positions split across threads: approximate logits from r rows of
-//                     K^T (AVX2: in registers, f16 converted on the fly), per-thread max per head
+//                     K^T (AVX2 or NEON: in registers, f16 converted on the fly), per-thread max per head
 //   approx_scores     step 2, positions split: s_hat's numerators exp(L - max) in place of the
 //                     logits (the only exponentials of steps 2-4), per-thread denominators; one
 //                     head per group: the group's scores and their histogram
@@ -235,7 +235,7 @@ struct sparq_run {
         }
     }
 
-    // Step 2, logits: positions split across threads; from r rows of K^T (AVX2: accumulators in
+    // Step 2, logits: positions split across threads; from r rows of K^T (AVX2 or NEON: accumulators in
     // registers, f16 converted on the fly), scaled by tau and masked; their max per head.
     void approx_logits() {
         for (int64_t it = 0; it < I; ++it) {
@@ -290,7 +290,7 @@ struct sparq_run {
                 }
             };
             int64_t n8 = 0;
-    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#if defined(SPARQ_SIMD)
             if (kt_f16) {
                 n8 = (c1 - c0) & ~int64_t(7);
                 const ggml_fp16_t * rows[GGML_SPARQ_MAX_HEAD_SIZE];  // r <= D (supports_op)
@@ -314,15 +314,15 @@ struct sparq_run {
                         const float * asc = ascale + it*G + h0;
                         const float * qg = qs + h0*d.r;
                         switch (ng) {
-                            case 1:  step2_avx2_range<1>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                            case 2:  step2_avx2_range<2>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                            case 3:  step2_avx2_range<3>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                            default: step2_avx2_range<4>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                            case 1:  step2_range<1>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                            case 2:  step2_range<2>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                            case 3:  step2_range<3>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                            default: step2_range<4>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
                         }
                     }
                 }
             }
-    #endif
+#endif
             for (int64_t p0 = c0 + n8; p0 < c1; p0 += SPARQ_BLK) {
                 step2_plain(p0, std::min(c1, p0 + SPARQ_BLK));
             }
@@ -399,9 +399,9 @@ struct sparq_run {
         for (int64_t it = ith; it < I; it += nth) {
             item_info & inf = info[it];
             if (inf.dense) continue;
-            int32_t * hp[GGML_MAX_N_THREADS];
-            for (int t = 0; t < nth; ++t) hp[t] = hists + (((size_t) t*I + it) << o.hbits);
-            inf.n_sel = select_top_k(gsall + it*S, inf.p_lo, inf.p_hi, d.k_top, sel + it*S, hp, nth, o.hbits, cand);
+            // thread t's histogram of this item: hists + ((t*I + it) << hbits)
+            inf.n_sel = select_top_k(gsall + it*S, inf.p_lo, inf.p_hi, d.k_top, sel + it*S,
+                                     hists + ((size_t) it << o.hbits), (size_t) I << o.hbits, nth, o.hbits, cand);
         }
     }
 
@@ -443,13 +443,13 @@ struct sparq_run {
                 }
                 const float mv = mask_at(mask, mrow, p);
                 float dots[GGML_SPARQ_MAX_GROUP];
-    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#if defined(SPARQ_SIMD)
                 if (k_f16 && d.D % 8 == 0) {
                     dot_group_f16((const ggml_fp16_t *) krow, qbuf, d.D, G, dots);
                 } else if (k_q8) {
                     dot_group_q8_0((const block_q8_0 *) krow, qbuf, d.D, G, dots);
                 } else
-    #endif
+#endif
                 {
                     const float * kr = (const float *) krow;
                     if (k_f16) { ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) krow, blk_row, d.D); kr = blk_row; }
@@ -482,32 +482,16 @@ struct sparq_run {
                 if (i + SPARQ_PF < na) {
                     prefetch_row(vbase + rows[i + SPARQ_PF]*v->nb[1], vrow_bytes);
                 }
-    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-                if (v_f16 && d.Dv % 8 == 0) {  // convert each 8 values once, for all heads of the group
-                    for (int64_t j = 0; j < d.Dv; j += 8) {
-                        const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) vsrc + j)));
-                        for (int64_t hh = 0; hh < G; ++hh) {
-                            float * a = P + hh*o.part_stride + 3 + j;
-                            _mm256_storeu_ps(a, _mm256_fmadd_ps(vv, _mm256_set1_ps(sc[hh*na + i]), _mm256_loadu_ps(a)));
-                        }
-                    }
+#if defined(SPARQ_SIMD)
+                if (v_f16 && d.Dv % 8 == 0) {  // each 8 values converted once, for all heads of the group
+                    mad_group_f16((const ggml_fp16_t *) vsrc, d.Dv, G, sc + i, na, P + 3, o.part_stride);
                     continue;
                 }
-                if (v_q8) {  // scale each 8 values once, for all heads of the group
-                    const block_q8_0 * vb = (const block_q8_0 *) vsrc;
-                    for (int64_t ib = 0; ib < d.Dv/QK8_0; ++ib) {
-                        const __m256 dv = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(vb[ib].d));
-                        for (int64_t j = 0; j < QK8_0; j += 8) {
-                            const __m256 vv = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (vb[ib].qs + j)))));
-                            for (int64_t hh = 0; hh < G; ++hh) {
-                                float * a = P + hh*o.part_stride + 3 + ib*QK8_0 + j;
-                                _mm256_storeu_ps(a, _mm256_fmadd_ps(vv, _mm256_set1_ps(sc[hh*na + i]), _mm256_loadu_ps(a)));
-                            }
-                        }
-                    }
+                if (v_q8) {
+                    mad_group_q8_0((const block_q8_0 *) vsrc, d.Dv, G, sc + i, na, P + 3, o.part_stride);
                     continue;
                 }
-    #endif
+#endif
                 if (v_f16) ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vsrc, vrow, d.Dv);
                 else if (v_q8) ggml_get_type_traits(v->type)->to_float(vsrc, vrow, d.Dv);
                 else memcpy(vrow, vsrc, d.Dv*sizeof(float));
