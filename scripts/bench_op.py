@@ -7,7 +7,7 @@ over a transposed V (llama.cpp's path with flash attention off). Prints a table 
 ratios against the faster dense path, the bytes each reads and the achieved read bandwidth, and
 writes JSON (and a PNG plot when matplotlib is installed).
 
-    python scripts/bench_op.py                      # the README table
+    python scripts/bench_op.py                      # the table of docs/results.md
     python scripts/bench_op.py --ctx 4096,32768 --threads 2 --reps 30
     python scripts/bench_op.py --cold --out results/bench_op_cold   # caches evicted before each run
 

@@ -1,5 +1,5 @@
 """`sparq-cpp eval` in small: SparQ against the window baseline of the same read budget, and the
-needle at 1/4, on smollm2-135m with a 2048-token essay context (the full run is in the README).
+needle at 1/4, on smollm2-135m with a 2048-token essay context (the full run is in docs/results.md).
 
 Measured (perplexity ratio / agreement / KL against dense over 64 tokens), AVX2-only build:
 SparQ 1/4 0.992 / 0.952 / 0.010 against the window's 2.62 / 0.571 / 0.727; 1/8 1.014 / 0.921 /

@@ -15,8 +15,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <map>
 #include <memory>
 #include <vector>
 
@@ -27,7 +25,7 @@
 #define SPARQ_UPSTREAM_COMMIT "0c1e570"
 #endif
 
-// Default cache length from which SparQ replaces dense attention (measured: README, "min_ctx").
+// Default cache length from which SparQ replaces dense attention (measured: docs/results.md, decode speed at 512).
 static constexpr int32_t SPARQ_DEFAULT_MIN_CTX = 512;
 
 const char * llama_sparq_version(void) {
