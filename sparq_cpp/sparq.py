@@ -45,7 +45,7 @@ def _is_int(x) -> bool:
 class SparqParams:
     """SparQ Attention settings (arXiv 2312.04985; docs/sparq.md). Its fields are the one list of
     SparQ arguments: ``sparq_<field>`` in ``Llama``, ``--sparq-<field>`` in the CLI,
-    ``--sparq_<field>`` in the server, each with the help text below.
+    ``--sparq_<field>`` in the server, each with the help text listed at the end.
 
     Give either ``k`` (positions read exactly per query) or ``compression`` (target fraction of
     dense attention's K/V reads, which picks r and k from the head size and the context length).
@@ -144,6 +144,7 @@ class SparqParams:
 # keyword arguments of ``Llama`` and ``Llama.set_sparq`` (with the ``sparq_`` prefix there)
 SPARQ_ARGS = tuple(f.name for f in fields(SparqParams))
 SPARQ_HELP = {f.name: f.metadata["help"] for f in fields(SparqParams)}
+SparqParams.__doc__ += "\n    Fields:\n\n" + "".join(f"    - ``{a}``: {h}\n" for a, h in SPARQ_HELP.items())
 
 # C status -> the Python argument it is about
 _STATUS_ARG = {SparqStatus.ERR_K: "sparq_k", SparqStatus.ERR_COMPRESSION: "sparq_compression",
