@@ -76,7 +76,8 @@ inline int32_t select_top_k(const float * gs, int64_t lo, int64_t hi, int32_t k,
     const int32_t * ibits = (const int32_t *) gs;
     // members of the bin: lo_b < u <= hi_b
     const int32_t lo_b = (int32_t) ((uint32_t) bin << (32 - hbits)) - 1;
-    const int32_t hi_b = (int32_t) std::min<int64_t>(((int64_t) bin + 1) << (32 - hbits), INT32_MAX + int64_t(1)) - 1;
+    // (the top bin's bound is INT32_MAX: subtract in 64 bits, then narrow)
+    const int32_t hi_b = (int32_t) (std::min<int64_t>(((int64_t) bin + 1) << (32 - hbits), INT32_MAX + int64_t(1)) - 1);
     int32_t nc = 0;
     int64_t p = lo;
 #if defined(__AVX2__)
