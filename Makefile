@@ -56,7 +56,7 @@ bench-op: build
 # The op tests (C++) and the SparQ cache, batch and fuzz tests (pytest, with the sanitized
 # libraries loaded into Python through LD_PRELOAD of the ASan runtime; leak reports off, as
 # CPython itself does not free everything at exit). The long 4096+4096-token run is left out.
-# About 50 minutes on 2 cores (build 25, tests 23): not part of `make test`.
+# About 25 minutes on 2 cores (cold build 9, tests 15; measured on an AMD EPYC): not part of `make test`.
 SAN_DIR := build/sanitize
 SAN_ENV := ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
            LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)"
