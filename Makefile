@@ -72,7 +72,7 @@ sanitize: $(STAMP)
 
 # The same suite on a library built for an AVX2 laptop (no AVX-512, whatever this CPU has), in its
 # own folder; the package is pointed at it with SPARQ_CPP_LIB_DIR, the op tests with
-# SPARQ_CPP_BIN_DIR. `sparq-cpp info` must then report AVX512 = 0. Not part of `make test`.
+# SPARQ_CPP_BIN_DIR. `sparq-cpp info` must then report AVX2 = 1 and no AVX512. Not part of `make test`.
 AVX2_DIR   := build/avx2
 AVX2_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
               -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF
