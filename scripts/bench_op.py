@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "build" / "native" / "bin" / "bench-sparq-op"
 
 
-
 def _load(name: str):
     """A module of sparq_cpp that needs nothing of its library, loaded alone: importing the package
     would load libllama, which this script (the native benchmark's driver) does not use."""
@@ -45,24 +44,19 @@ def _load(name: str):
 budget, runinfo = _load("budget"), _load("runinfo")
 
 
-def _budgets(text: str) -> str:
+def _budget_arg(text: str) -> str:
     """'1/8,1/16' (or 0.125,...) -> '8,16', the 1/c form bench-sparq-op takes; every budget is
     parsed by the same parser as the other tools', and must be 1/c with a whole c."""
     cs = []
     for part in text.split(","):
-        c = budget.parse_compression(part.strip())
-        inv = round(1 / c)
-        if abs(1 / c - inv) > 1e-6:
+        try:
+            c = budget.parse_compression(part.strip())
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if abs(1 / c - round(1 / c)) > 1e-6:
             raise argparse.ArgumentTypeError(f"bench-sparq-op takes budgets 1/c with a whole c, got {part!r}")
-        cs.append(str(inv))
+        cs.append(str(round(1 / c)))
     return ",".join(cs)
-
-
-def _budget_arg(text: str) -> str:
-    try:
-        return _budgets(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,8 @@ from typing import List, Optional, Tuple
 from ._lib import llama_cpp
 from .kv_types import cache_type, v_needs_flash_attn
 from .runinfo import run_info, save_outputs
-from .sparq import SparqParams, parse_compression
+from .budget import parse_compression
+from .sparq import SparqParams
 
 
 def parse_setting(text: str) -> Tuple[str, Optional[dict]]:

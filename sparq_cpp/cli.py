@@ -56,7 +56,7 @@ def _sparq_kwargs(args: argparse.Namespace) -> dict:
         v = getattr(args, f"sparq_{a}")
         if v is None or v is False:
             continue
-        out[f"sparq_{a}"] = {"on": True, "off": False}.get(v, v) if a == "realloc" else (tuple(v) if a == "layers" else v)
+        out[f"sparq_{a}"] = {"on": True, "off": False}[v] if a == "realloc" else v
     return out
 
 

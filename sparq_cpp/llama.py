@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 from . import sparq as _sparq
@@ -49,10 +48,7 @@ class Llama(llama_cpp.Llama):
     # -- SparQ ---------------------------------------------------------------------------------
 
     def _set_sparq(self, params: Optional[SparqParams]) -> None:
-        rc = _sparq.apply(self._ctx.ctx, params)
-        if rc == SparqStatus.DENSE:
-            warnings.warn("SparQ cannot be used with this model or cache type (see the log); "
-                          "decoding stays dense", RuntimeWarning, stacklevel=3)
+        _sparq.apply(self._ctx.ctx, params)
         self._sparq_params = params
 
     def set_sparq(self, params: Optional[SparqParams] = None, /, **kwargs) -> None:

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from dataclasses import fields
 from typing import List, Optional, Union, get_type_hints
 
@@ -44,7 +43,6 @@ except ImportError as e:  # pragma: no cover - depends on the installation
                       "pip install 'sparq-cpp[server]'") from e
 
 from . import sparq as _sparq
-from ._lib import SparqStatus
 from .budget import parse_compression
 from .models import KNOWN_MODELS, model_path
 from .sparq import SPARQ_HELP, SparqParams, flash_attn_for
@@ -82,11 +80,7 @@ class SparqModelSettings(_SparqFields):
 
     def sparq_params(self) -> Optional[SparqParams]:
         kwargs = {name: getattr(self, name) for name in type(self).model_fields if name.startswith("sparq_")}
-        if kwargs["sparq_layers"] is not None:
-            if len(kwargs["sparq_layers"]) != 2:
-                raise ValueError(f"sparq_layers takes START END, got {kwargs['sparq_layers']}")
-            kwargs["sparq_layers"] = tuple(kwargs["sparq_layers"])
-        return SparqParams.from_kwargs(prefix="sparq_", **kwargs)
+        return SparqParams.from_kwargs(prefix="sparq_", **kwargs)  # validates sparq_layers' START END
 
 
 class SparqSettings(ServerSettings, SparqModelSettings):
@@ -102,9 +96,8 @@ class SparqConfigFileSettings(ServerSettings):
 def _with_sparq(llm, settings: ModelSettings):
     """Sets the model's SparQ settings on the context of a model upstream's loader made."""
     params = settings.sparq_params() if isinstance(settings, SparqModelSettings) else None
-    if params is not None and _sparq.apply(llm._ctx.ctx, params) == SparqStatus.DENSE:
-        warnings.warn(f"SparQ cannot be used with {settings.model} (see the log); decoding stays dense",
-                      RuntimeWarning, stacklevel=2)
+    if params is not None:
+        _sparq.apply(llm._ctx.ctx, params, what=settings.model)
     return llm
 
 

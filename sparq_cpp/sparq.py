@@ -1,14 +1,14 @@
-"""SparQ settings: the one list of SparQ arguments (``SparqParams``' fields), their validation, the
-budget parser every tool uses, and the conversion to the C API's ``llama_sparq_params``."""
+"""SparQ settings: the one list of SparQ arguments (``SparqParams``' fields), their validation,
+and the conversion to the C API's ``llama_sparq_params`` (budgets are parsed by sparq_cpp.budget)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Tuple
 
 from ._lib import SparqStatus, ffi, lib
-from .budget import parse_compression, parse_fraction  # noqa: F401  (re-exported: sparq_cpp.sparq.parse_*)
 
 _INT32_MAX = 2**31 - 1
 
@@ -157,14 +157,18 @@ def _ctx(ctx_ptr):
     return ffi.cast("struct llama_context *", ctx_ptr)
 
 
-def apply(ctx_ptr, params: Optional[SparqParams]) -> SparqStatus:
+def apply(ctx_ptr, params: Optional[SparqParams], what: str = "this model or cache type") -> SparqStatus:
     """Set (or, with None, clear) SparQ on a llama_context pointer: SparqStatus.OK, or DENSE when
-    no layer can use it; SparqError (a ValueError) on refusal."""
+    no layer can use it (one RuntimeWarning naming ``what``; the library's log says why);
+    SparqError (a ValueError) on refusal."""
     rc = SparqStatus(lib.llama_sparq_set(_ctx(ctx_ptr), ffi.NULL if params is None else params.to_c()))
     if rc < 0:
         msg = ffi.string(lib.llama_sparq_strerror(rc)).decode()
         arg = _STATUS_ARG.get(rc)
         raise SparqError(rc, f"{arg}: {msg}" if arg else msg)
+    if rc == SparqStatus.DENSE:
+        warnings.warn(f"SparQ cannot be used with {what} (see the log); decoding stays dense",
+                      RuntimeWarning, stacklevel=4)  # the caller of Llama(...) or set_sparq
     return rc
 
 

@@ -2,7 +2,8 @@
 
 Levels asserted here were measured with 2 threads on two kinds of x86-64 CPU, an AVX-512 one
 (`make test` on an AMD EPYC Zen 4) and an AVX2-only build of the same library (`make test-avx2`),
-and are stated with their margins next to each assert; every margin holds on both. "Rounding" for these models: dense decoding itself differs
+and are stated with their margins next to each assert; every margin holds on both.
+"Rounding" for these models: dense decoding itself differs
 between llama.cpp's two dense paths (flash attention on and off, same weights, same tokens) by
 up to 1.28 (smollm2-135m) and 3.34 (gemma3-270m) in a logit, with top-1 agreement 95.7% and
 93.0% over 256 teacher-forced tokens after 2000: that is the size of fp16 accumulation
