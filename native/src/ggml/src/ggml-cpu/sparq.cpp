@@ -332,6 +332,16 @@ struct sparq_run {
         }
     }
 
+    // Step 3's end for this thread's positions [c0, c1) of item it, the group's scores gs complete:
+    // the local window (positions >= t_local, not masked) is always selected, then this thread's
+    // histogram of the scores (select_positions sums the threads')
+    void close_scores(int64_t it, int32_t t_local, float * gs, int64_t c0, int64_t c1) const {
+        for (int64_t p = std::max<int64_t>(c0, t_local); p < c1; ++p) {
+            if (gs[p] >= 0.0f) gs[p] = INFINITY;
+        }
+        score_histogram(gs, c0, c1, o.hbits, hists + (((size_t) ith*I + it) << o.hbits));
+    }
+
     // Step 2, softmax: positions split; s_hat's numerators exp(L - max) in place of the logits
     // (the only exponentials of steps 2-4), and per-thread denominators. With one head per group
     // the selection needs no normalisation: the group's scores are the numerators themselves.
@@ -362,10 +372,7 @@ struct sparq_run {
                 // gs holds -1 where masked and 0 elsewhere (approx_logits); the numerator is 0 where masked
                 float * gs = gsall + it*S;
                 for (int64_t p = c0; p < c1; ++p) gs[p] += L[p];
-                for (int64_t p = std::max<int64_t>(c0, inf.t_local); p < c1; ++p) {
-                    if (gs[p] >= 0.0f) gs[p] = INFINITY;  // the local window is always selected
-                }
-                score_histogram(gs, c0, c1, o.hbits, hists + (((size_t) ith*I + it) << o.hbits));
+                close_scores(it, inf.t_local, gs, c0, c1);
             }
         }
     }
@@ -387,10 +394,7 @@ struct sparq_run {
                     ggml_vec_mad_f32(n, gs + p0, L + hh*S + p0, zinv[hh]);
                 }
             }
-            for (int64_t p = std::max<int64_t>(c0, inf.t_local); p < c1; ++p) {
-                if (gs[p] >= 0.0f) gs[p] = INFINITY;  // the local window is always selected
-            }
-            score_histogram(gs, c0, c1, o.hbits, hists + (((size_t) ith*I + it) << o.hbits));
+            close_scores(it, inf.t_local, gs, c0, c1);
         }
     }
 
