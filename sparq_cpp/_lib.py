@@ -72,6 +72,7 @@ struct llama_sparq_params {
     int32_t layer_start;
     int32_t layer_end;
     bool    no_tau;
+    int32_t path;
 };
 
 struct llama_sparq_stats {
@@ -82,6 +83,7 @@ struct llama_sparq_stats {
     double  bytes_attn_sparq;
     double  bytes_attn_dense;
     int64_t extra_bytes;
+    int32_t n_layers_ops;
 };
 
 struct llama_context;
@@ -93,6 +95,7 @@ int32_t llama_sparq_get(const struct llama_context * ctx, struct llama_sparq_par
 int32_t llama_sparq_stats_get(const struct llama_context * ctx, struct llama_sparq_stats * stats);
 void    llama_sparq_stats_reset(struct llama_context * ctx);
 const char * llama_sparq_strerror(int32_t status);
+const char * llama_sparq_layer_device(const struct llama_context * ctx, int32_t il);
 int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v);
 """
 
@@ -115,6 +118,7 @@ class SparqStatus(enum.IntEnum):
     ERR_LAYERS = -9
     ERR_V_TRANS = -10
     ERR_ALLOC = -11
+    ERR_PATH = -12
 
 
 def _bind():

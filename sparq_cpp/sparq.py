@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 from ._lib import SparqStatus, ffi, lib
 
 _INT32_MAX = 2**31 - 1
+
+# enum llama_sparq_path, in its order
+SPARQ_PATHS = ("auto", "fused", "ops")
 
 
 def flash_attn_for(params, flash_attn: Optional[bool]) -> Optional[bool]:
@@ -62,6 +65,9 @@ class SparqParams:
     min_ctx: Optional[int] = _arg("cache length from which SparQ replaces dense attention (default 512)")
     layers: Optional[Tuple[int, Optional[int]]] = _arg("layers START END that may use SparQ (END exclusive; default all)")
     no_tau: bool = _arg("ablation: scale the approximate scores by the dense scale instead of tau", False)
+    path: Optional[Literal["auto", "fused", "ops"]] = _arg(
+        "how SparQ is computed: auto (default: the fused op where the layer's backend has it, else the "
+        "portable graph of standard ggml ops), fused (the op only; other layers dense), ops (the portable graph everywhere)")
 
     def __post_init__(self):
         p = "sparq_"
@@ -101,6 +107,8 @@ class SparqParams:
             object.__setattr__(self, "layers", lohi)
         if not isinstance(self.no_tau, bool):
             raise ValueError(f"{p}no_tau must be a bool, got {self.no_tau!r}")
+        if self.path is not None and self.path not in SPARQ_PATHS:
+            raise ValueError(f"{p}path must be one of {', '.join(SPARQ_PATHS)}, got {self.path!r}")
 
     @classmethod
     def from_kwargs(cls, prefix: str = "", **kwargs) -> Optional["SparqParams"]:
@@ -138,6 +146,7 @@ class SparqParams:
             p.layer_start = self.layers[0]
             p.layer_end = -1 if self.layers[1] is None else self.layers[1]
         p.no_tau = self.no_tau
+        p.path = SPARQ_PATHS.index(self.path or "auto")
         return p
 
 
@@ -150,7 +159,7 @@ SparqParams.__doc__ += "\n    Fields:\n\n" + "".join(f"    - ``{a}``: {h}\n" for
 _STATUS_ARG = {SparqStatus.ERR_K: "sparq_k", SparqStatus.ERR_COMPRESSION: "sparq_compression",
                SparqStatus.ERR_BOTH: "sparq_k", SparqStatus.ERR_R: "sparq_r", SparqStatus.ERR_L: "sparq_l",
                SparqStatus.ERR_REALLOC: "sparq_realloc", SparqStatus.ERR_MIN_CTX: "sparq_min_ctx",
-               SparqStatus.ERR_LAYERS: "sparq_layers"}
+               SparqStatus.ERR_LAYERS: "sparq_layers", SparqStatus.ERR_PATH: "sparq_path"}
 
 
 def _ctx(ctx_ptr):
@@ -185,11 +194,20 @@ def is_set(ctx_ptr) -> bool:
 
 
 def stats(ctx_ptr) -> dict:
+    """The library's counters (``struct llama_sparq_stats``), ``read_fraction``, and ``devices``:
+    for each device that holds SparQ layers (and so runs their SparQ attention), how many."""
     s = ffi.new("struct llama_sparq_stats *")
     lib.llama_sparq_stats_get(_ctx(ctx_ptr), s)
-    out = {f: getattr(s, f) for f in ("n_tokens_sparq", "n_tokens_dense", "n_layers_sparq", "n_layers",
-                                      "bytes_attn_sparq", "bytes_attn_dense", "extra_bytes")}
+    out = {f: getattr(s, f) for f in ("n_tokens_sparq", "n_tokens_dense", "n_layers_sparq", "n_layers_ops",
+                                      "n_layers", "bytes_attn_sparq", "bytes_attn_dense", "extra_bytes")}
     out["read_fraction"] = (out["bytes_attn_sparq"] / out["bytes_attn_dense"]) if out["bytes_attn_dense"] else None
+    devices = {}
+    for il in range(out["n_layers"]):
+        name = lib.llama_sparq_layer_device(_ctx(ctx_ptr), il)
+        if name != ffi.NULL:
+            name = ffi.string(name).decode()
+            devices[name] = devices.get(name, 0) + 1
+    out["devices"] = devices
     return out
 
 

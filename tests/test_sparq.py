@@ -413,10 +413,11 @@ def test_named_model_with_sparq_k_generates(essay_text):
     assert st["n_tokens_sparq"] == 7 and st["n_layers_sparq"] == 30  # the first token comes from prefill
 
 
-def test_backend_without_the_op_falls_back_to_dense_with_one_warning(tmp_path):
+def test_backend_without_the_op_takes_the_portable_graph_or_stays_dense(tmp_path):
     # GGML_SPARQ_FORCE_UNSUPPORTED makes the CPU backend answer supports_op = false for the op,
-    # as Metal or Vulkan (no SparQ kernel) would: SparQ is refused per layer, decoding stays
-    # dense and equal to dense, with one warning and no abort.
+    # as Metal or Vulkan (no fused SparQ kernel) do. With the default path ("auto") every layer
+    # then runs the portable graph of standard ops; with path="fused" SparQ is refused per layer,
+    # decoding stays dense and equal to dense, with one warning and no abort.
     import os
     import subprocess
     import sys
@@ -430,6 +431,12 @@ a = dense.create_completion(prompt, max_tokens=8, temperature=0.0)["choices"][0]
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     llm = Llama("smollm2-135m", n_ctx=2048, sparq_k=16, sparq_min_ctx=0, verbose=False)
+    llm.create_completion(prompt, max_tokens=8, temperature=0.0)
+    st = llm.sparq_stats()
+    print("AUTO WARNINGS", len(w), "SPARQ_TOKENS", st["n_tokens_sparq"], "OPS", st["n_layers_ops"], "OF", st["n_layers_sparq"])
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    llm = Llama("smollm2-135m", n_ctx=2048, sparq_k=16, sparq_min_ctx=0, sparq_path="fused", verbose=False)
 b = llm.create_completion(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
 print("WARNINGS", sum(issubclass(x.category, RuntimeWarning) for x in w))
 print("SAME", a == b, "SPARQ_TOKENS", llm.sparq_stats()["n_tokens_sparq"], "SET", llm.sparq)
@@ -437,5 +444,6 @@ print("SAME", a == b, "SPARQ_TOKENS", llm.sparq_stats()["n_tokens_sparq"], "SET"
     env = dict(os.environ, GGML_SPARQ_FORCE_UNSUPPORTED="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "AUTO WARNINGS 0 SPARQ_TOKENS 7 OPS 30 OF 30" in r.stdout, r.stdout
     assert "WARNINGS 1" in r.stdout and "SAME True SPARQ_TOKENS 0 SET None" in r.stdout, r.stdout
-    assert "has no SparQ kernel" in r.stderr  # the library's one log line says why
+    assert "has no fused SparQ kernel" in r.stderr  # the library's one log line says why

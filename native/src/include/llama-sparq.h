@@ -26,6 +26,17 @@ struct llama_sparq_params {
     int32_t layer_start; // first layer that may use SparQ
     int32_t layer_end;   // one past the last layer that may use SparQ; -1: up to the last layer
     bool    no_tau;      // ablation: scale the approximate scores by the dense scale instead of tau
+    int32_t path;        // enum llama_sparq_path: how SparQ is computed
+};
+
+// How a layer computes SparQ. The fused op (GGML_OP_SPARQ_ATTN) needs a kernel in the layer's
+// backend (the CPU has one); the portable graph is built from standard ggml ops (top_k,
+// get_rows, mul_mat, soft_max, ...) that every backend has (Vulkan, CUDA, Metal, ...), with the
+// same result up to rounding and ties (docs/sparq.md).
+enum llama_sparq_path {
+    LLAMA_SPARQ_PATH_AUTO  = 0, // the fused op where the layer's backend has it, else the portable graph
+    LLAMA_SPARQ_PATH_FUSED = 1, // the fused op only; layers whose backend lacks it stay dense
+    LLAMA_SPARQ_PATH_OPS   = 2, // the portable graph on every backend, the CPU included
 };
 
 enum llama_sparq_status {
@@ -43,6 +54,7 @@ enum llama_sparq_status {
     LLAMA_SPARQ_ERR_LAYERS      =  -9, // layer range empty or outside the model
     LLAMA_SPARQ_ERR_V_TRANS     = -10, // the context stores V transposed (flash attention disabled)
     LLAMA_SPARQ_ERR_ALLOC       = -11, // the K^T mirror could not be allocated
+    LLAMA_SPARQ_ERR_PATH        = -12, // path is not a llama_sparq_path value
 };
 
 struct llama_sparq_stats {
@@ -53,6 +65,7 @@ struct llama_sparq_stats {
     double  bytes_attn_sparq; // estimated K/V bytes read by those layers' attention for the SparQ tokens
     double  bytes_attn_dense; // what dense attention would have read for the same tokens and layers
     int64_t extra_bytes;      // memory SparQ adds: the K^T mirror plus the running V sums
+    int32_t n_layers_ops;     // of n_layers_sparq, layers that run the portable graph (the others: the fused op)
 };
 
 LLAMA_API struct llama_sparq_params llama_sparq_default_params(void);
@@ -83,6 +96,11 @@ LLAMA_API void    llama_sparq_stats_reset(struct llama_context * ctx);
 // it stands, so call it after a decode), and sets *max_rel_err_v to the largest
 // |fp32 sum - fresh| / (1 + |fresh|), at most 2^-24 when consistent. -1 for a NULL ctx.
 LLAMA_API int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v);
+
+// The name of the device that holds layer il's KV cache (and so runs its SparQ attention, fused
+// op or portable graph), e.g. "CPU" or "Vulkan0"; NULL when SparQ is off or layer il does not
+// take it.
+LLAMA_API const char * llama_sparq_layer_device(const struct llama_context * ctx, int32_t il);
 
 // A short description of a llama_sparq_status value.
 LLAMA_API const char * llama_sparq_strerror(int32_t status);

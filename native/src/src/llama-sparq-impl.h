@@ -5,6 +5,12 @@
 
 class llama_kv_cache;
 class llama_kv_cache_context;
+struct llama_context;
+
+// Nodes the portable SparQ graph adds to a decode graph (llama_context::graph_max_nodes adds
+// them to its budget); LLAMA_SPARQ_OPS_NODES bounds the nodes of one layer and stream.
+#define LLAMA_SPARQ_OPS_NODES 128
+uint32_t llama_sparq_graph_nodes(const llama_context * ctx);
 
 // K and/or V data of the cache changed outside a ubatch (K-shift, stream copy, state load,
 // clear): the K^T mirror / the running V sums are rebuilt before the next use.

@@ -71,7 +71,9 @@ struct llama_sparq_kv {
     // per cache layer (index of llama_kv_cache::layers)
     std::vector<ggml_tensor *> kt;   // K^T mirror [kv_size, n_embd_k_gqa, n_stream], null: layer stays dense
     std::vector<size_t> vsum_off;    // offset of the layer's V sum in a sequence's sum vector
+    std::vector<bool> ops;           // the layer runs the portable graph (else the fused op)
     int32_t n_eligible = 0;
+    int32_t n_ops      = 0;          // layers with ops[ikv]
     int64_t n_embd_kt  = 0;          // n_embd_k_gqa, the same for every SparQ layer
     size_t  vsum_size  = 0;
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;

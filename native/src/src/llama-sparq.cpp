@@ -3,6 +3,7 @@
 // llama-sparq-kv.cpp, the decode graph in llama-sparq-graph.cpp. Spec: docs/sparq.md.
 #include "llama-sparq.h"
 #include "llama-sparq-kv.h"
+#include "llama-sparq-impl.h"
 
 #include "llama-context.h"
 #include "llama-impl.h"
@@ -76,6 +77,16 @@ static bool sparq_kv_type_ok(ggml_type t) {
     return t == GGML_TYPE_F16 || t == GGML_TYPE_F32 || t == GGML_TYPE_Q8_0;
 }
 
+// the device that holds layer ikv's cache (host buffers: the CPU), or nullptr
+static ggml_backend_dev_t layer_device(const llama_kv_cache & kv, size_t ikv) {
+    ggml_tensor * k = cache_internals::k(kv, ikv);
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(k->buffer));
+    if (dev == nullptr && ggml_backend_buffer_is_host(k->buffer)) {
+        dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    }
+    return dev;
+}
+
 // why layer ikv cannot take SparQ, or nullptr
 static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ikv) {
     const auto & hp = cache_internals::hparams(kv);
@@ -99,28 +110,29 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
         return "head size";
     }
 
-    // the backend that holds the layer must have the op
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(k->buffer));
-    if (dev == nullptr && ggml_backend_buffer_is_host(k->buffer)) {
-        dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU); // host buffers run on the CPU backend
-    }
-    if (dev == nullptr) {
+    if (layer_device(kv, ikv) == nullptr) {
         return "no device for the layer's buffer";
     }
+    return nullptr;
+}
+
+// whether the backend that holds layer ikv has a kernel for the fused op (else: portable graph)
+static bool layer_has_fused_op(const llama_kv_cache & kv, size_t ikv) {
+    const auto & hp = cache_internals::hparams(kv);
+    const uint32_t il = cache_internals::il(kv, ikv);
+    ggml_tensor * k = cache_internals::k(kv, ikv);
+    ggml_tensor * v = cache_internals::v(kv, ikv);
     ggml_init_params ip = { 16*ggml_tensor_overhead(), nullptr, true };
     ggml_context_ptr ctx(ggml_init(ip));
     const int64_t d = hp.n_embd_head_k(il), n = 256;
-    ggml_tensor * q  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, d, 1, n_head, 1);
-    ggml_tensor * kk = ggml_new_tensor_4d(ctx.get(), k->type, d, n, n_head_kv, 1);
-    ggml_tensor * kt = ggml_new_tensor_4d(ctx.get(), llama_sparq_mirror_type(k->type), n, d, n_head_kv, 1);
-    ggml_tensor * vv = ggml_new_tensor_4d(ctx.get(), v->type, d, n, n_head_kv, 1);
-    ggml_tensor * vm = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, d, n_head_kv, 1, 1);
+    ggml_tensor * q  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, d, 1, hp.n_head(il), 1);
+    ggml_tensor * kk = ggml_new_tensor_4d(ctx.get(), k->type, d, n, hp.n_head_kv(il), 1);
+    ggml_tensor * kt = ggml_new_tensor_4d(ctx.get(), llama_sparq_mirror_type(k->type), n, d, hp.n_head_kv(il), 1);
+    ggml_tensor * vv = ggml_new_tensor_4d(ctx.get(), v->type, d, n, hp.n_head_kv(il), 1);
+    ggml_tensor * vm = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, d, hp.n_head_kv(il), 1, 1);
     ggml_tensor * m  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F16, n, 1, 1, 1);
     ggml_tensor * op = ggml_sparq_attn(ctx.get(), q, kk, kt, vv, vm, m, 1.0f, 8, 32, 8, GGML_SPARQ_REALLOC);
-    if (!ggml_backend_dev_supports_op(dev, op)) {
-        return "the layer's backend has no SparQ kernel";
-    }
-    return nullptr;
+    return ggml_backend_dev_supports_op(layer_device(kv, ikv), op);
 }
 
 static int32_t sparq_validate(const llama_sparq_params & p, const llama_kv_cache * kv) {
@@ -149,6 +161,9 @@ static int32_t sparq_validate(const llama_sparq_params & p, const llama_kv_cache
     }
     if (p.min_ctx < -1) {
         return LLAMA_SPARQ_ERR_MIN_CTX;
+    }
+    if (p.path < LLAMA_SPARQ_PATH_AUTO || p.path > LLAMA_SPARQ_PATH_OPS) {
+        return LLAMA_SPARQ_ERR_PATH;
     }
     if (p.layer_start < 0 || p.layer_end < -1 || (p.layer_end != -1 && p.layer_end <= p.layer_start)) {
         return LLAMA_SPARQ_ERR_LAYERS;
@@ -185,6 +200,7 @@ struct llama_sparq_params llama_sparq_default_params(void) {
     p.layer_start = 0;
     p.layer_end   = -1;
     p.no_tau      = false;
+    p.path        = LLAMA_SPARQ_PATH_AUTO;
     return p;
 }
 
@@ -204,6 +220,7 @@ const char * llama_sparq_strerror(int32_t status) {
         case LLAMA_SPARQ_ERR_LAYERS:      return "layer range is empty or outside the model";
         case LLAMA_SPARQ_ERR_V_TRANS:     return "the context stores V transposed: create it with flash attention enabled";
         case LLAMA_SPARQ_ERR_ALLOC:       return "could not allocate the K^T mirror";
+        case LLAMA_SPARQ_ERR_PATH:        return "path must be 0 (auto), 1 (fused) or 2 (ops)";
     }
     return "unknown status";
 }
@@ -282,7 +299,7 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     const auto & hp = cache_internals::hparams(*kv);
     const int32_t layer_end = params->layer_end == -1 ? (int32_t) hp.n_layer() : params->layer_end;
     const size_t n_layers = cache_internals::n_layers(*kv);
-    std::vector<bool> eligible(n_layers, false);
+    std::vector<bool> eligible(n_layers, false), ops(n_layers, false);
     const char * why_not = nullptr;
     int64_t n_embd_kt = -1;
     for (size_t ikv = 0; ikv < n_layers; ++ikv) {
@@ -294,8 +311,17 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
         if (why == nullptr && n_embd_kt != -1 && cache_internals::k(*kv, ikv)->ne[0] != n_embd_kt) {
             why = "K width differs from the first SparQ layer";
         }
+        if (why == nullptr && params->path != LLAMA_SPARQ_PATH_OPS) {
+            ops[ikv] = !layer_has_fused_op(*kv, ikv);
+            if (ops[ikv] && params->path == LLAMA_SPARQ_PATH_FUSED) {
+                why = "the layer's backend has no fused SparQ kernel (path = fused)";
+            }
+        } else if (why == nullptr) {
+            ops[ikv] = true;
+        }
         if (why != nullptr) {
             why_not = why;
+            ops[ikv] = false;
             continue;
         }
         n_embd_kt = cache_internals::k(*kv, ikv)->ne[0];
@@ -325,6 +351,9 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
         return LLAMA_SPARQ_ERR_ALLOC;
     }
 
+    st.ops = ops;
+    st.n_ops = (int32_t) std::count(ops.begin(), ops.end(), true);
+
     const bool realloc = params->mean_realloc == -1 ? hp.n_head(cache_internals::il(*kv, 0)) == hp.n_head_kv(cache_internals::il(*kv, 0)) : params->mean_realloc == 1;
     if (realloc && !st.realloc) {
         st.v_dirty = true; // the sums were not kept up to date while reallocation was off
@@ -338,8 +367,8 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     st.generation++;
     ctx->sparq_need_reserve();
 
-    LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers (%s %g, r %d, l %d, reallocation %s, from n_kv %d)%s%s\n",
-            __func__, st.n_eligible, n_layers_all, params->k > 0 ? "k" : "compression",
+    LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers, %d of them through the portable graph (%s %g, r %d, l %d, reallocation %s, from n_kv %d)%s%s\n",
+            __func__, st.n_eligible, n_layers_all, st.n_ops, params->k > 0 ? "k" : "compression",
             params->k > 0 ? (double) params->k : (double) params->compression, params->r, params->l,
             realloc ? "on" : "off", st.min_ctx, why_not ? "; others dense: " : "", why_not ? why_not : "");
     return LLAMA_SPARQ_OK;
@@ -371,10 +400,39 @@ int32_t llama_sparq_stats_get(const struct llama_context * ctx, struct llama_spa
         const auto & st = *kv->sparq;
         *stats = st.stats;
         stats->n_layers_sparq = st.enabled ? st.n_eligible : 0;
+        stats->n_layers_ops   = st.enabled ? st.n_ops : 0;
         stats->extra_bytes = st.extra_bytes();
     }
     stats->n_layers = n_layers;
     return LLAMA_SPARQ_OK;
+}
+
+const char * llama_sparq_layer_device(const struct llama_context * ctx, int32_t il) {
+    if (ctx == nullptr) {
+        return nullptr;
+    }
+    int32_t n_layers = 0;
+    const llama_kv_cache * kv = sparq_cache(ctx, &n_layers);
+    if (kv == nullptr || !kv->sparq || !kv->sparq->enabled) {
+        return nullptr;
+    }
+    const int32_t ikv = cache_internals::ikv(*kv, il);
+    if (ikv < 0 || (size_t) ikv >= kv->sparq->kt.size() || kv->sparq->kt[ikv] == nullptr) {
+        return nullptr;
+    }
+    ggml_backend_dev_t dev = layer_device(*kv, ikv);
+    return dev ? ggml_backend_dev_name(dev) : nullptr;
+}
+
+// graph nodes the portable graph adds (llama_context::graph_max_nodes): per layer that runs it
+// and per stream of a ubatch (each stream gets its own copy of the graph)
+uint32_t llama_sparq_graph_nodes(const llama_context * ctx) {
+    int32_t n_layers = 0;
+    const llama_kv_cache * kv = sparq_cache(ctx, &n_layers);
+    if (kv == nullptr || !kv->sparq || !kv->sparq->enabled) {
+        return 0;
+    }
+    return (uint32_t) kv->sparq->n_ops*kv->get_n_stream()*LLAMA_SPARQ_OPS_NODES + 64u*kv->get_n_stream();
 }
 
 void llama_sparq_stats_reset(struct llama_context * ctx) {
