@@ -96,6 +96,11 @@ int32_t llama_sparq_stats_get(const struct llama_context * ctx, struct llama_spa
 void    llama_sparq_stats_reset(struct llama_context * ctx);
 const char * llama_sparq_strerror(int32_t status);
 const char * llama_sparq_layer_device(const struct llama_context * ctx, int32_t il);
+
+size_t ggml_backend_dev_count(void);
+void * ggml_backend_dev_get(size_t index);
+const char * ggml_backend_dev_name(void * device);
+const char * ggml_backend_dev_description(void * device);
 int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v);
 """
 
@@ -131,6 +136,17 @@ def _bind():
 
 
 ffi, lib = _bind()
+
+
+def backend_devices() -> list:
+    """(name, description) of every ggml device the loaded library has, e.g. ("CPU", ...),
+    ("Vulkan0", "llvmpipe ...")."""
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        out.append((ffi.string(lib.ggml_backend_dev_name(dev)).decode(),
+                    ffi.string(lib.ggml_backend_dev_description(dev)).decode()))
+    return out
 
 
 def sparq_version() -> str:

@@ -38,6 +38,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("python", f"{platform.python_version()} ({sys.executable})"),
         ("machine", f"{platform.machine()}, {os.cpu_count()} logical CPUs"),
         ("GPU backend built", "yes" if _lib.gpu_offload_supported() else "no (CPU only)"),
+        ("devices", "; ".join(f"{n} ({d})" for n, d in _lib.backend_devices())),
         ("system info", _lib.system_info().strip()),
         ("model cache", str(sparq_cpp.models.cache_dir())),
     ]

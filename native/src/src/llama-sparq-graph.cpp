@@ -3,7 +3,7 @@
 // attention layer, the mirror write and the SparQ branch (llama_sparq_build_attn), which the
 // hooks in upstream's build_attn call (native/patches/0004). The branch is GGML_OP_SPARQ_ATTN
 // (the fused op) where the layer's backend has it, or the same computation built from standard
-// ggml ops (build_portable), which every backend runs; llama-sparq.cpp decides per layer.
+// ggml ops (ggml_sparq_attn_ops), which every backend runs; llama-sparq.cpp decides per layer.
 #include "llama-sparq-impl.h"
 #include "llama-sparq-kv.h"
 
@@ -17,9 +17,6 @@
 #include <utility>
 #include <vector>
 
-// the portable graph forces the local window into the selection with this bonus on its scores
-// (the group's summed approximate scores are at most the group size)
-static constexpr float SPARQ_WINDOW_BONUS = 1e30f;
 // cells not visible to a token get this rank in vis_rank (never inside a window)
 static constexpr float SPARQ_RANK_HIDDEN = 1e9f;
 
@@ -207,91 +204,19 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
     }
 }
 
-// The mask and local-window bonus of stream s for window l, [n_kv, T]: -INF where the token
-// cannot see the cell, SPARQ_WINDOW_BONUS on its last l visible cells, else 0. Built once per
-// graph and shared by the layers.
+// The bias of stream s for window l (ggml_sparq_window_bias), built once per graph and shared by
+// the layers.
 static ggml_tensor * window_bias(ggml_context * ctx0, llm_graph_input_sparq * inp, ggml_tensor * kq_mask, int64_t s, int32_t l) {
     auto it = inp->bias.find({ s, l });
     if (it != inp->bias.end()) {
         return it->second;
     }
     const int64_t n_kv = kq_mask->ne[0], T = kq_mask->ne[1];
-    ggml_tensor * m = ggml_view_2d(ctx0, kq_mask, n_kv, T, kq_mask->nb[1], s*kq_mask->nb[3]);
-    m = ggml_cast(ctx0, m, GGML_TYPE_F32);
+    ggml_tensor * m  = ggml_view_2d(ctx0, kq_mask, n_kv, T, kq_mask->nb[1], s*kq_mask->nb[3]);
     ggml_tensor * rk = ggml_view_2d(ctx0, inp->vis_rank, n_kv, T, inp->vis_rank->nb[1], s*T*inp->vis_rank->nb[1]);
-    // rank < l  <=>  l - 0.5 - rank > 0
-    ggml_tensor * w = ggml_step(ctx0, ggml_scale_bias(ctx0, rk, -1.0f, (float) l - 0.5f));
-    ggml_tensor * b = ggml_add(ctx0, m, ggml_scale(ctx0, w, SPARQ_WINDOW_BONUS));
+    ggml_tensor * b  = ggml_sparq_window_bias(ctx0, m, rk, l);
     inp->bias[{ s, l }] = b;
     return b;
-}
-
-// SparQ for the T tokens of one stream from standard ggml ops (docs/sparq.md, "The portable
-// graph"). Shapes: q [D, G, Hkv, T] (a view), kt [n_kv, D, Hkv] (the mirror), k and v
-// [D, n_kv, Hkv] (the cache, rows of cells), vmean [Dv, 1, T, Hkv] or null, bias [n_kv, T].
-// Returns [Dv*G*Hkv, T]. Each step reads what the fused op reads: r rows of the mirror, k rows
-// of K and V (gathered before attention, so the bytes read fall with the budget).
-static ggml_tensor * build_portable(ggml_context * ctx0, ggml_tensor * q, ggml_tensor * kt, ggml_tensor * k,
-        ggml_tensor * v, ggml_tensor * vmean, ggml_tensor * bias, float scale, const llama_sparq_layer_cfg & cfg, bool no_tau) {
-    const int64_t D = q->ne[0], G = q->ne[1], Hkv = q->ne[2], T = q->ne[3];
-    const int64_t n_kv = kt->ne[0], Dv = v->ne[0];
-    const int64_t r = cfg.r, kk = cfg.k;
-
-    // step 1: i1 = top-r components of the group's summed |q| [r, T, Hkv]
-    ggml_tensor * qg = ggml_cont(ctx0, ggml_permute(ctx0, q, 1, 0, 3, 2));            // [G, D, T, Hkv]
-    ggml_tensor * qa = ggml_sum_rows(ctx0, ggml_abs(ctx0, qg));                         // [1, D, T, Hkv]
-    ggml_tensor * i1 = ggml_top_k(ctx0, ggml_reshape_2d(ctx0, qa, D, T*Hkv), (int) r); // [r, T*Hkv]
-    ggml_tensor * qs = ggml_get_rows(ctx0, qg, ggml_reshape_3d(ctx0, i1, r, T, Hkv));  // [G, r, T, Hkv]
-    qs = ggml_cont(ctx0, ggml_permute(ctx0, qs, 1, 0, 2, 3));                           // [r, G, T, Hkv]
-    ggml_tensor * qp = ggml_cont(ctx0, ggml_permute(ctx0, q, 0, 1, 3, 2));             // [D, G, T, Hkv]
-
-    // step 2: approximate scores from r rows of the mirror, scaled by tau, masked, softmax
-    ggml_tensor * kr = ggml_get_rows(ctx0, kt, ggml_reshape_2d(ctx0, i1, r*T, Hkv));    // [n_kv, r*T, Hkv]
-    kr = ggml_reshape_4d(ctx0, kr, n_kv, r, T, Hkv);
-    kr = ggml_cont(ctx0, ggml_permute(ctx0, kr, 1, 0, 2, 3));                           // [r, n_kv, T, Hkv]
-    ggml_tensor * sh = ggml_mul_mat(ctx0, kr, qs);                                      // [n_kv, G, T, Hkv]
-    if (no_tau) {
-        sh = ggml_scale(ctx0, sh, scale);
-    } else {
-        // scale / sqrt(|q[i1]|_1 / |q|_1) per head; the tiny bias makes an all-zero q give 1
-        ggml_tensor * l1  = ggml_scale_bias(ctx0, ggml_sum_rows(ctx0, ggml_abs(ctx0, qp)), 1.0f, 1e-30f);
-        ggml_tensor * l1s = ggml_scale_bias(ctx0, ggml_sum_rows(ctx0, ggml_abs(ctx0, qs)), 1.0f, 1e-30f);
-        ggml_tensor * f = ggml_scale(ctx0, ggml_sqrt(ctx0, ggml_div(ctx0, l1, l1s)), scale); // [1, G, T, Hkv]
-        sh = ggml_mul(ctx0, sh, f);
-    }
-    ggml_tensor * m4 = ggml_reshape_4d(ctx0, bias, n_kv, 1, T, 1);
-    // the bias' window bonus must not reach the softmax: only its mask part (-INF) does, via a
-    // clamp to [-1, 0] scaled back up; the bonus enters at step 3
-    ggml_tensor * mask = ggml_scale(ctx0, ggml_clamp(ctx0, m4, -1.0f, 0.0f), SPARQ_WINDOW_BONUS);
-    sh = ggml_soft_max(ctx0, ggml_add(ctx0, sh, mask));                                 // s_hat [n_kv, G, T, Hkv]
-
-    // step 3: i2 = top-k of the group's summed s_hat, the local window forced in by the bias
-    ggml_tensor * shg = G > 1 ? ggml_cont(ctx0, ggml_permute(ctx0, sh, 1, 0, 2, 3))    // [G, n_kv, T, Hkv]
-                              : ggml_reshape_4d(ctx0, sh, 1, n_kv, T, Hkv);
-    ggml_tensor * gs = G > 1 ? ggml_sum_rows(ctx0, shg) : shg;                          // [1, n_kv, T, Hkv]
-    gs = ggml_add(ctx0, ggml_reshape_3d(ctx0, gs, n_kv, T, Hkv), ggml_reshape_3d(ctx0, bias, n_kv, T, 1));
-    ggml_tensor * i2 = ggml_top_k(ctx0, gs, (int) kk);                                  // [kk, T, Hkv]
-
-    // step 5: exact attention over the kk gathered rows of K and V; a gathered cell the token
-    // cannot see (only when it sees fewer than kk) gets the mask
-    ggml_tensor * i2r = ggml_reshape_2d(ctx0, i2, kk*T, Hkv);
-    ggml_tensor * ks = ggml_reshape_4d(ctx0, ggml_get_rows(ctx0, k, i2r), D,  kk, T, Hkv);
-    ggml_tensor * vs = ggml_reshape_4d(ctx0, ggml_get_rows(ctx0, v, i2r), Dv, kk, T, Hkv);
-    ggml_tensor * ms = ggml_get_rows(ctx0, ggml_reshape_4d(ctx0, gs, 1, n_kv, T, Hkv), i2);   // [1, kk, T, Hkv]
-    ms = ggml_scale(ctx0, ggml_clamp(ctx0, ggml_reshape_4d(ctx0, ms, kk, 1, T, Hkv), -1.0f, 0.0f), SPARQ_WINDOW_BONUS);
-    ggml_tensor * a = ggml_mul_mat(ctx0, ks, qp);                                       // [kk, G, T, Hkv]
-    a = ggml_soft_max(ctx0, ggml_add(ctx0, ggml_scale(ctx0, a, scale), ms));
-    ggml_tensor * y = ggml_mul_mat(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, vs, 1, 0, 2, 3)), a); // [Dv, G, T, Hkv]
-
-    // steps 4 and 6: alpha = s_hat over the chosen rows, per head; y = v_mean + alpha (y - v_mean)
-    if (vmean != nullptr) {
-        ggml_tensor * sel = ggml_get_rows(ctx0, shg, i2);                               // [G, kk, T, Hkv]
-        ggml_tensor * alpha = ggml_sum_rows(ctx0, G > 1 ? ggml_cont(ctx0, ggml_permute(ctx0, sel, 1, 0, 2, 3))
-                                                        : ggml_reshape_4d(ctx0, sel, kk, 1, T, Hkv)); // [1, G, T, Hkv]
-        y = ggml_add(ctx0, ggml_mul(ctx0, ggml_sub(ctx0, y, vmean), alpha), vmean);
-    }
-    y = ggml_cont(ctx0, ggml_permute(ctx0, y, 0, 1, 3, 2));                             // [Dv, G, Hkv, T]
-    return ggml_reshape_2d(ctx0, y, Dv*G*Hkv, T);
 }
 
 ggml_tensor * llama_sparq_build_attn(
@@ -383,7 +308,7 @@ ggml_tensor * llama_sparq_build_attn(
             vm = ggml_cont(ctx0, vm);                                                   // [Dv, 1, T, Hkv]
         }
         ggml_tensor * bias = window_bias(ctx0, inp, kq_mask, s, cfg.l);
-        ggml_tensor * y = build_portable(ctx0, qs, kts, ks, vs, vm, bias, kq_scale, cfg, st.params.no_tau);
+        ggml_tensor * y = ggml_sparq_attn_ops(ctx0, qs, ks, kts, vs, vm, bias, kq_scale, cfg.r, cfg.k, flags);
         out = out == nullptr ? y : ggml_concat(ctx0, out, y, 1);
     }
     return out;
