@@ -20,7 +20,7 @@ UP_PKG := $(call upstream,SPARQ_UPSTREAM_PACKAGE)
 UP_VER := $(call upstream,SPARQ_UPSTREAM_VERSION)
 UP_SHA := $(call upstream,SPARQ_UPSTREAM_SHA256)
 
-.PHONY: setup build demo test test-avx2 test-arm bench-op sanitize clean
+.PHONY: setup build demo test test-avx2 test-arm test-vulkan bench-op sanitize clean
 
 # The virtual environment: re-created when missing or broken, refreshed when the pinned
 # requirements change. llama-cpp-python is installed from the same pinned source tarball as our
@@ -91,6 +91,13 @@ test-avx2: $(STAMP)
 # test-backend-ops -o SPARQ_ATTN under user-mode QEMU (qemu-user-static).
 test-arm: $(STAMP)
 	scripts/test_arm.sh $(VPY)
+
+# SparQ on a Vulkan device without a GPU (scripts/test_vulkan.sh): a Vulkan build in build/vulkan,
+# Mesa's lavapipe as the device; test-backend-ops for the portable graph and the ops it uses, and
+# a decode with the layers on Vulkan0 against CPU SparQ. Needs Debian's glslc libvulkan-dev
+# spirv-headers mesa-vulkan-drivers (the script says what is missing). Not part of `make test`.
+test-vulkan: $(STAMP)
+	scripts/test_vulkan.sh $(VPY)
 
 clean:
 	rm -rf build sparq_cpp/lib
