@@ -24,13 +24,22 @@ from .sparq import SparqParams
 
 
 def parse_setting(text: str) -> Tuple[str, Optional[dict]]:
-    """'dense', '1/8' (compression), '0.125', 'k=64' -> (label, set_sparq kwargs or None)."""
+    """'dense', '1/8' (compression), '0.125', 'k=64' -> (label, set_sparq kwargs or None); a
+    suffix ':ops' or ':fused' picks how SparQ is computed (sparq_path), e.g. '1/8:ops' for the
+    portable graph of standard ggml ops on the CPU."""
     t = text.strip()
     if t == "dense":
         return "dense", None
+    t, _, path = t.partition(":")
+    extra = {}
+    if path:
+        if path not in ("ops", "fused", "auto"):
+            raise ValueError(f"setting {text!r}: the suffix must be :ops, :fused or :auto")
+        extra = {"path": path}
+    suffix = f" {path}" if path else ""
     if t.startswith("k="):
-        return f"k={int(t[2:])}", {"k": int(t[2:])}
-    return t, {"compression": parse_compression(t)}
+        return f"k={int(t[2:])}{suffix}", {"k": int(t[2:]), **extra}
+    return f"{t}{suffix}", {"compression": parse_compression(t), **extra}
 
 
 class DecodeContext:

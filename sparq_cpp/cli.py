@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-d", "--depths", default=None,
                    help="comma-separated cache depths (default 512,1024,2048,4096,8000; +16384,32768 on gemma3-270m)")
     b.add_argument("-s", "--settings", default="1/4,1/8,1/16,k=64",
-                   help="comma-separated SparQ settings: compressions (1/8 or 0.125) and fixed k (k=64)")
+                   help="comma-separated SparQ settings: compressions (1/8 or 0.125) and fixed k (k=64); "
+                        "a suffix :ops runs the portable graph of standard ggml ops instead of the fused op (1/8:ops)")
     b.add_argument("-t", "--threads", type=int, default=2)
     b.add_argument("-n", "--n-gen", type=int, default=32, help="tokens decoded per run")
     b.add_argument("-r", "--reps", type=int, default=5, help="runs per setting and depth (median)")

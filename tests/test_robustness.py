@@ -18,13 +18,14 @@ def smollm2():
 
 
 @pytest.mark.parametrize("unified", [False, True], ids=["streams", "unified"])
-@pytest.mark.parametrize("n_seq", [2, 4, 8])
-def test_batched_sequences_match_each_alone(n_seq, unified, smollm2, essay_text):
+@pytest.mark.parametrize("n_seq, path", [(2, "fused"), (4, "fused"), (8, "fused"), (4, "ops")])
+def test_batched_sequences_match_each_alone(n_seq, path, unified, smollm2, essay_text):
     # n_seq sequences share a 256-token prefix through seq_cp, then get their own text (lengths
     # 23..282 tokens, so each has its own mask and V sum), then STEPS teacher-forced tokens each.
     # Decoding one token of every sequence in one llama_batch must give the logits that decoding
     # each sequence alone gives, at every step, with a shared (unified) cache and with one stream
     # per sequence. k = 24 with mean reallocation: the selection and the V mean both matter.
+    # path "ops": the portable graph, which handles the streams one by one.
     llm = smollm2
     toks = llm.tokenize(essay_text.encode())
     n_vocab = llm.n_vocab()
@@ -32,7 +33,7 @@ def test_batched_sequences_match_each_alone(n_seq, unified, smollm2, essay_text)
     own = [toks[1000 + 700 * s: 1000 + 700 * s + 23 + 37 * s] for s in range(n_seq)]
     feed = [toks[20000 + 100 * s: 20000 + 100 * s + STEPS] for s in range(n_seq)]
     start = [len(shared) + len(o) for o in own]
-    params = SparqParams(k=24, min_ctx=0, realloc=True)
+    params = SparqParams(k=24, min_ctx=0, realloc=True, path=path)
 
     def run(together):
         ctx = raw_context(llm, n_seq, unified, n_ctx=1024 * n_seq)
@@ -61,7 +62,7 @@ def test_batched_sequences_match_each_alone(n_seq, unified, smollm2, essay_text)
     together, alone = run(True), run(False)
     assert np.isfinite(together).all()
     diff = np.abs(together - alone).max()
-    print(f"{n_seq} sequences, {'unified' if unified else 'streams'}: max |logit difference| {diff:.2e}")
+    print(f"{n_seq} sequences, {'unified' if unified else 'streams'}, {path}: max |logit difference| {diff:.2e}")
     assert diff < 1e-3, diff  # measured 0: bit-identical on this machine
 
 

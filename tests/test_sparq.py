@@ -371,15 +371,16 @@ def test_c_api_returns_error_codes():
     assert lib.llama_sparq_set(ctx, ffi.NULL) == 0
 
 
+@pytest.mark.parametrize("path", ["fused", "ops"])
 @pytest.mark.parametrize("unified", [False, True])
-def test_seq_cp_and_seq_keep_then_decode_equal_a_fresh_context(unified, essay_text):
+def test_seq_cp_and_seq_keep_then_decode_equal_a_fresh_context(unified, path, essay_text):
     # seq_cp is metadata only in one stream and a whole-stream copy across streams; seq_keep
     # frees the other sequence's cells. Either way the copied sequence then decodes as the
     # original would have in a fresh context.
     llm = _llm("smollm2-135m")
     toks = _tokens(llm, essay_text, 800)
     n_vocab = llm.n_vocab()
-    params = SparqParams(compression=1 / 8, min_ctx=0, realloc=True)
+    params = SparqParams(compression=1 / 8, min_ctx=0, realloc=True, path=path)
 
     def gen(ctx, s, start, n=6):
         out, t = [], toks[790]
