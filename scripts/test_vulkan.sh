@@ -5,7 +5,7 @@
 # CPU-type devices unless GGML_VK_VISIBLE_DEVICES names them):
 #   1. test-backend-ops on Vulkan0 against the CPU: the portable SparQ graph (SPARQ_ATTN_OPS) and
 #      the top-k and row gathers it uses, at the shapes of both test models;
-#   2. tests/test_vulkan.py: smollm2-135m decoding with SparQ, its layers on Vulkan0, against
+#   2. tests/test_gpu.py: smollm2-135m decoding with SparQ, its layers on Vulkan0, against
 #      CPU SparQ.
 # Each test-backend-ops case runs in its own process: lavapipe 22.3 (Debian 12) has crashed in a
 # long run of these graphs in one process (a segfault inside libvulkan_lvp.so), never in a short one.
@@ -77,4 +77,4 @@ echo "test-vulkan: test-backend-ops on Vulkan0: $(( ${#cases[@]} - failed ))/${#
 [ "$failed" -eq 0 ]
 
 # 2. decode on the Vulkan device against CPU SparQ
-"$VPY" -m pytest -q -s tests/test_vulkan.py
+"$VPY" -m pytest -q -s tests/test_gpu.py

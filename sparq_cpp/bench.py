@@ -74,7 +74,7 @@ class DecodeContext:
 
 def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen: int, reps: int,
         out: Optional[str], plot: bool = True, progress: bool = True,
-        cache_type_k: str = "f16", cache_type_v: str = "f16") -> dict:
+        cache_type_k: str = "f16", cache_type_v: str = "f16", n_gpu_layers: int = 0) -> dict:
     from tqdm import tqdm
 
     from .llama import Llama
@@ -86,7 +86,7 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
     text = essays_text()
     n_ctx = max(depths) + n_gen + 64
     common = dict(n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
-                  verbose=False, type_k=cache_type(cache_type_k), type_v=cache_type(cache_type_v))
+                  n_gpu_layers=n_gpu_layers, verbose=False, type_k=cache_type(cache_type_k), type_v=cache_type(cache_type_v))
     # llama.cpp stores a quantized V only with flash attention on: then that is the one dense path
     fa_off = None if v_needs_flash_attn(cache_type_v) else DecodeContext(Llama(model, **common))
     fa_on = DecodeContext(Llama(model, flash_attn=True, **common))
@@ -144,7 +144,7 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
         c.llm.close()
 
     result = {
-        **run_info(), "model": model, "threads": threads, "n_gen": n_gen, "reps": reps, "depths": depths,
+        **run_info(), "model": model, "threads": threads, "n_gpu_layers": n_gpu_layers, "n_gen": n_gen, "reps": reps, "depths": depths,
         "cache_type_k": cache_type_k, "cache_type_v": cache_type_v,
         "settings": [lab for lab, _, _ in runs], "rows": rows,
     }
@@ -155,7 +155,7 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
 
 def table(result: dict) -> str:
     lines = [f"model {result['model']}, KV cache {result.get('cache_type_k', 'f16')}/{result.get('cache_type_v', 'f16')}, "
-             f"{result['threads']} threads, {result['n_gen']} tokens x "
+             f"{result['threads']} threads, {result.get('n_gpu_layers', 0)} GPU layers, {result['n_gen']} tokens x "
              f"{result['reps']} runs per setting (median, min..max), commit {result['commit']}", "",
              "| depth | setting | t/s | min..max | x best dense |", "|---:|---|---:|---:|---:|"]
     for r in result["rows"]:

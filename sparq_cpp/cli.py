@@ -106,7 +106,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         bench.parse_setting(s)  # ValueError before any work
     out = args.output or f"results/bench_{Path(args.model).stem}"  # relative to the working directory
     bench.run(args.model, depths, settings, args.threads, args.n_gen, args.reps, out, plot=not args.no_plot,
-              cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+              cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v, n_gpu_layers=args.n_gpu_layers)
     return 0
 
 
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated SparQ settings: compressions (1/8 or 0.125) and fixed k (k=64); "
                         "a suffix :ops runs the portable graph of standard ggml ops instead of the fused op (1/8:ops)")
     b.add_argument("-t", "--threads", type=int, default=2)
+    b.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all), as llama-bench's -ngl")
     b.add_argument("-n", "--n-gen", type=int, default=32, help="tokens decoded per run")
     b.add_argument("-r", "--reps", type=int, default=5, help="runs per setting and depth (median)")
     b.add_argument("-o", "--output", default=None, help="output prefix for .json and .png (default results/bench_<model>)")
