@@ -66,6 +66,18 @@ def test_cffi_struct_layout_matches_the_header(tmp_path):
         assert member.value == c[("status", name)], name
 
 
+def _enum(name):
+    """{member (without LLAMA_SPARQ_): value} of one enum of the header"""
+    body = re.search(r"enum " + name + r" \{(.*?)\};", HEADER.read_text(), re.S).group(1)
+    return {m: int(v) for m, v in re.findall(r"LLAMA_SPARQ_(\w+)\s*=\s*(-?\d+)", body)}
+
+
 def test_every_status_of_the_header_is_named_in_python():
-    names = set(re.findall(r"LLAMA_SPARQ_(\w+)\s*=", HEADER.read_text()))
+    names = set(_enum("llama_sparq_status"))
     assert names == set(SparqStatus.__members__), names ^ set(SparqStatus.__members__)
+
+
+def test_paths_of_the_header_are_pythons():
+    from sparq_cpp.sparq import SPARQ_PATHS
+
+    assert _enum("llama_sparq_path") == {f"PATH_{p.upper()}": i for i, p in enumerate(SPARQ_PATHS)}

@@ -13,7 +13,8 @@ ggml's soft_max gives there and takes ggml_top_k's (unordered) choice among equa
 import numpy as np
 import pytest
 
-from sparq_cpp import Llama, llama_cpp
+from sparq_cpp import Llama, SparqParams, SparqStatus, llama_cpp
+from sparq_cpp._lib import ffi, lib
 from sparq_util import VSUM_TOL, check
 from test_sparq import (LEVELS_1_8, MODELS, ROUNDING, _agreement_and_ppl_ratio, _greedy, _llm,
                         _teacher_forced, _tokens)
@@ -96,3 +97,9 @@ def test_path_argument():
     assert st["n_layers_ops"] == st["n_layers_sparq"] == 30
     llm.set_sparq(compression=1 / 8)  # auto: the CPU has the fused op
     assert llm.sparq_stats()["n_layers_ops"] == 0
+    # the C API: an unknown path is an error code, and nothing changes
+    p = SparqParams(k=64).to_c()
+    for bad in (-1, 3, 1 << 30):
+        p.path = bad
+        assert lib.llama_sparq_set(ffi.cast("struct llama_context *", llm._ctx.ctx), p) == SparqStatus.ERR_PATH
+    assert llm.sparq_stats()["n_layers_sparq"] == 30 and llm.sparq.compression == 1 / 8
