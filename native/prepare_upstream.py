@@ -47,6 +47,7 @@ NEEDED = (
     "tests/test-backend-ops.cpp",
     "tools/CMakeLists.txt",
     "tools/llama-bench/",
+    "tools/rpc/",
     "vendor/",
 )
 
@@ -107,7 +108,8 @@ def fetch(package: str, version: str, sha256: str) -> Path:
 
 def extract(tarball: Path, sha256: str, pristine: Path) -> None:
     stamp = pristine / ".sparq-pristine"
-    if stamp.exists() and stamp.read_text() == sha256:
+    want = sha256 + "\n" + ",".join(NEEDED)  # a new part of the tree to extract re-extracts
+    if stamp.exists() and stamp.read_text() == want:
         return
     if pristine.exists():
         shutil.rmtree(pristine)
@@ -129,7 +131,7 @@ def extract(tarball: Path, sha256: str, pristine: Path) -> None:
             members.append(m)
         kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tf.extractall(pristine, members=members, **kwargs)
-    stamp.write_text(sha256)
+    stamp.write_text(want)
 
 
 def apply_patches(tree: Path, patches: list[Path]) -> None:

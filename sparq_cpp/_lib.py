@@ -101,6 +101,8 @@ size_t ggml_backend_dev_count(void);
 void * ggml_backend_dev_get(size_t index);
 const char * ggml_backend_dev_name(void * device);
 const char * ggml_backend_dev_description(void * device);
+void * ggml_backend_rpc_add_server(const char * endpoint);
+void ggml_backend_register(void * reg);
 int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v);
 """
 

@@ -68,7 +68,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     path = model_path(args.model)
     extra = {"flash_attn": True} if args.flash_attn or v_needs_flash_attn(args.cache_type_v) else {}
     llm = Llama(model_path=path, n_ctx=args.ctx_size, n_threads=args.threads,
-                n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=args.verbose,
+                n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=args.verbose, rpc_servers=args.rpc,
                 type_k=cache_type(args.cache_type_k), type_v=cache_type(args.cache_type_v), **extra,
                 **_sparq_kwargs(args))
     sampling = dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (n_ctx)")
     g.add_argument("-t", "--threads", type=int, default=None, help="threads (default: llama-cpp-python's)")
     g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
+    g.add_argument("--rpc", default=None, metavar="SERVERS",
+                   help="comma-separated RPC servers host:port (llama.cpp's --rpc); layers go there with -ngl")
     g.add_argument("--chat", action="store_true", help="use the model's chat template")
     g.add_argument("--temp", type=float, default=0.0, help="temperature (0: greedy)")
     g.add_argument("--top-k", type=int, default=40)
@@ -241,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", add_help=False, help="OpenAI-compatible server (llama-cpp-python's) with SparQ; "
                                                  "`sparq-cpp serve --help` lists its flags")
 
+    # listed for --help only: main() hands everything after `rpc-server` to the server program
+    sub.add_parser("rpc-server", add_help=False, help="llama.cpp's RPC server from the fork (ggml-rpc-server): "
+                                                      "-H HOST -p PORT -t THREADS; `sparq-cpp rpc-server --help`")
+
     i = sub.add_parser("info", help="versions, library path, CPU features, GPU backend")
     i.set_defaults(func=_cmd_info)
     return ap
@@ -252,10 +258,18 @@ def main(argv=None) -> int:
         from sparq_cpp import server
 
         return server.main(argv[1:])
+    if argv[:1] == ["rpc-server"]:  # the fork's ggml-rpc-server, with its own flags
+        from sparq_cpp import rpc
+
+        try:
+            return rpc.main(argv[1:])
+        except FileNotFoundError as e:
+            print(f"sparq-cpp: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"sparq-cpp: error: {e}", file=sys.stderr)
         return 2
 

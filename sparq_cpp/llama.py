@@ -23,6 +23,9 @@ class Llama(llama_cpp.Llama):
     ``sparq_compression=1/8`` (a target fraction of dense attention's reads; k and r then follow
     the context length and head size) or ``sparq_k=64`` (positions read exactly per token).
 
+    ``rpc_servers="host:port,..."`` puts layers (``n_gpu_layers``) on llama.cpp RPC servers
+    (``sparq-cpp rpc-server``); an unreachable server raises ConnectionError (sparq_cpp.rpc).
+
     SparQ needs V stored row-major, which llama.cpp does with flash attention: a SparQ request
     turns ``flash_attn`` on (passing ``flash_attn=False`` with it is an error; ``flash_attn_for``).
     To switch SparQ on later with ``set_sparq``, create the model with ``flash_attn=True``.
@@ -33,6 +36,13 @@ class Llama(llama_cpp.Llama):
         params = SparqParams.from_kwargs(prefix="sparq_", **sparq_kwargs)  # ValueError before any loading
         if params is not None:
             kwargs["flash_attn"] = flash_attn_for(params, kwargs.get("flash_attn"))
+        # llama-cpp-python 0.3.36 takes rpc_servers= and ignores it (llama.h lost the field); here it
+        # registers the servers with ggml as llama.cpp's --rpc does, before the model loads
+        rpc_servers = kwargs.pop("rpc_servers", None)
+        if rpc_servers:
+            from .rpc import add_servers
+
+            add_servers(rpc_servers)
         if str(model_path) in KNOWN_MODELS:
             model_path = _model_path(model_path)
         self._sparq_params: Optional[SparqParams] = None

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -116,8 +117,20 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
     return nullptr;
 }
 
+// whether layer ikv's cache is on an RPC server (ggml-rpc): its supports_op answers true for
+// every op without asking the server, so the client cannot tell a server built with the fused op
+// (sparq-cpp's rpc-server) from one without it (upstream's, which would abort on it)
+static bool layer_on_rpc(const llama_kv_cache & kv, size_t ikv) {
+    ggml_backend_dev_t dev = layer_device(kv, ikv);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    return reg != nullptr && strcmp(ggml_backend_reg_name(reg), "RPC") == 0;
+}
+
 // whether the backend that holds layer ikv has a kernel for the fused op (else: portable graph)
 static bool layer_has_fused_op(const llama_kv_cache & kv, size_t ikv) {
+    if (layer_on_rpc(kv, ikv)) {
+        return false; // the portable graph of standard ops runs on any server
+    }
     const auto & hp = cache_internals::hparams(kv);
     const uint32_t il = cache_internals::il(kv, ikv);
     ggml_tensor * k = cache_internals::k(kv, ikv);
@@ -314,7 +327,8 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
         if (why == nullptr && params->path != LLAMA_SPARQ_PATH_OPS) {
             ops[ikv] = !layer_has_fused_op(*kv, ikv);
             if (ops[ikv] && params->path == LLAMA_SPARQ_PATH_FUSED) {
-                why = "the layer's backend has no fused SparQ kernel (path = fused)";
+                why = layer_on_rpc(*kv, ikv) ? "the layer is on an RPC server, which cannot say whether it has the fused SparQ kernel (path = fused)"
+                                             : "the layer's backend has no fused SparQ kernel (path = fused)";
             }
         } else if (why == nullptr) {
             ops[ikv] = true;
