@@ -8,7 +8,10 @@
 #   3. tests/test_gpu.py: smollm2-135m decoding with SparQ, its layers on CUDA0, against CPU SparQ;
 #   4. sparq-cpp bench, dense against SparQ with every layer on the GPU, at 8k and 32k (gemma3-270m,
 #      whose 32k context fits; smollm2-135m at 8k).
-# Usage: scripts/device_check.sh [python]   (the repository's venv: make setup)
+# Usage: scripts/device_check.sh [python]. Needs what a network provides once: the repository's
+# venv (make setup), the two models and the essays in the sparq-cpp cache (~/.cache/sparq-cpp,
+# filled by their first use, e.g. make test), and the nvidia-cublas wheel there if the toolkit
+# has no cuBLAS; copy them along to a machine without network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VPY=${1:-.venv/bin/python}
