@@ -20,7 +20,7 @@ from ._lib import llama_cpp
 from .kv_types import cache_type, v_needs_flash_attn
 from .runinfo import run_info, save_outputs
 from .budget import parse_compression
-from .sparq import SparqParams
+from .sparq import SPARQ_PATHS, SparqParams
 
 
 def parse_setting(text: str) -> Tuple[str, Optional[dict]]:
@@ -33,8 +33,8 @@ def parse_setting(text: str) -> Tuple[str, Optional[dict]]:
     t, _, path = t.partition(":")
     extra = {}
     if path:
-        if path not in ("ops", "fused", "auto"):
-            raise ValueError(f"setting {text!r}: the suffix must be :ops, :fused or :auto")
+        if path not in SPARQ_PATHS:
+            raise ValueError(f"setting {text!r}: the suffix must be one of :{', :'.join(SPARQ_PATHS)}")
         extra = {"path": path}
     suffix = f" {path}" if path else ""
     if t.startswith("k="):
