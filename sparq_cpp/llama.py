@@ -24,7 +24,9 @@ class Llama(llama_cpp.Llama):
     the context length and head size) or ``sparq_k=64`` (positions read exactly per token).
 
     ``rpc_servers="host:port,..."`` puts layers (``n_gpu_layers``) on llama.cpp RPC servers
-    (``sparq-cpp rpc-server``); an unreachable server raises ConnectionError (sparq_cpp.rpc).
+    (``sparq-cpp rpc-server``); an unreachable server raises ConnectionError (sparq_cpp.rpc), and
+    so does ``eval`` (any generation) when a server goes away: ``sparq_cpp.rpc.RpcServerLost``,
+    after which this model is unusable (its layers and cache were on that server): reload it.
 
     SparQ needs V stored row-major, which llama.cpp does with flash attention: a SparQ request
     turns ``flash_attn`` on (passing ``flash_attn=False`` with it is an error; ``flash_attn_for``).
@@ -39,10 +41,11 @@ class Llama(llama_cpp.Llama):
         # llama-cpp-python 0.3.36 takes rpc_servers= and ignores it (llama.h lost the field); here it
         # registers the servers with ggml as llama.cpp's --rpc does, before the model loads
         rpc_servers = kwargs.pop("rpc_servers", None)
+        self._rpc_endpoints = []
         if rpc_servers:
             from .rpc import add_servers
 
-            add_servers(rpc_servers)
+            self._rpc_endpoints = add_servers(rpc_servers)
         if str(model_path) in KNOWN_MODELS:
             model_path = _model_path(model_path)
         self._sparq_params: Optional[SparqParams] = None
@@ -54,6 +57,20 @@ class Llama(llama_cpp.Llama):
         # a constructor refused before llama-cpp-python's __init__ ran leaves nothing to close
         if hasattr(self, "_stack"):
             super().close()
+
+    def eval(self, tokens) -> None:
+        try:
+            super().eval(tokens)
+        except RuntimeError as err:
+            # the fork's ggml-rpc fails the decode (-3) when a server stops answering, where
+            # upstream's aborts the process; say which server, as a ConnectionError
+            if self._rpc_endpoints and str(err).endswith("returned -3"):
+                from .rpc import lost_error
+
+                lost = lost_error(self._rpc_endpoints)
+                if lost is not None:
+                    raise lost from err
+            raise
 
     # -- SparQ ---------------------------------------------------------------------------------
 

@@ -69,6 +69,32 @@ def add_servers(servers: str, timeout: float = 5.0) -> List[str]:
     return endpoints
 
 
+class RpcServerLost(ConnectionError, RuntimeError):
+    """An RPC server holding some of a model's layers stopped answering during a decode. The
+    model's layers and KV cache on it are gone: start the server again and reload the model.
+    A ConnectionError, and a RuntimeError like llama-cpp-python's other decode failures."""
+
+
+def _reachable(endpoint: str, timeout: float = 2.0) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def lost_error(endpoints: List[str]) -> Optional[RpcServerLost]:
+    """After a failed decode: RpcServerLost naming the servers that no longer accept a connection,
+    or None when all do (the failure had another cause, or a server was restarted in between: the
+    library's log names the server it lost)."""
+    gone = [e for e in endpoints if not _reachable(e)]
+    if not gone:
+        return None
+    return RpcServerLost(f"RPC server {', '.join(gone)} stopped answering during a decode: the model's "
+                         "layers and KV cache there are lost; start the server again and reload the model")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

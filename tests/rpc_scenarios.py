@@ -2,11 +2,13 @@
 with ggml stay registered until the process exits (a later model load would ask a stopped
 server for its memory), so the test process itself never registers one.
 
-    python tests/rpc_scenarios.py one|two|unreachable   -> one JSON line on stdout
+    python tests/rpc_scenarios.py one|two|unreachable|lost   -> one JSON line on stdout
 """
 
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,49 @@ def _decode(**kw):
         llm.close()
 
 
+def _lost():
+    """The server is killed (SIGKILL) while a 512-token batch computes on it, then once more
+    between two decodes of a second model: each eval raises, nothing hangs, close() returns."""
+    from sparq_cpp.rpc import RpcServerLost
+
+    out = {}
+    srv = RpcServer(threads=1)
+    llm = Llama("smollm2-135m", n_ctx=1024, n_batch=512, n_threads=1, verbose=False,
+                rpc_servers=srv.endpoint, n_gpu_layers=-1, **SPARQ)
+    toks = _tokens(llm, models.essays_text(8), 600)
+    llm.eval(toks[:64])  # the server answers
+    t0 = time.perf_counter()
+    llm.eval(toks[64:576])
+    out["batch_s"] = time.perf_counter() - t0  # one 512-token batch on a 1-thread server
+    llm.reset()
+    llm.eval(toks[:64])
+    killer = threading.Timer(out["batch_s"] / 3, srv.proc.kill)  # a third into the next one
+    killer.start()
+    t0 = time.perf_counter()
+    try:
+        llm.eval(toks[64:576])
+        out["mid_batch"] = {"raised": None}
+    except RpcServerLost as e:
+        out["mid_batch"] = {"raised": type(e).__name__, "message": str(e), "after_s": time.perf_counter() - t0,
+                            "is_runtime_error": isinstance(e, RuntimeError)}
+    killer.join()
+    srv.proc.wait()
+    try:  # the model is unusable from here: every decode fails at once
+        t0 = time.perf_counter()
+        llm.eval(toks[576:577])
+        out["next_eval"] = {"raised": None}
+    except RpcServerLost as e:
+        out["next_eval"] = {"raised": type(e).__name__, "after_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    llm.close()
+    out["close_s"] = time.perf_counter() - t0
+    srv.stop()
+    return out
+
+
 def main(which):
+    if which == "lost":
+        return _lost()
     if which == "unreachable":
         port = free_port()  # nothing listens there
         try:

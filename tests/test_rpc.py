@@ -44,6 +44,22 @@ def test_rpc_unreachable_server_raises_before_loading():
     assert "cannot reach the RPC server" in out["message"]
 
 
+def test_rpc_server_lost_mid_decode_raises():
+    # the server is killed a third of the way into a 512-token batch that runs on it: that eval
+    # raises RpcServerLost (a ConnectionError and a RuntimeError), so does the next one, at once,
+    # and the model closes; upstream's ggml-rpc aborts the process here. Measured: the batch takes
+    # 3.3 s on the 1-thread server, the error comes 1.1 s after the batch began, the next eval
+    # fails in 0.02 s
+    out = _scenario("lost")
+    print(out)
+    mid = out["mid_batch"]
+    assert mid["raised"] == "RpcServerLost" and mid["is_runtime_error"], out
+    assert "stopped answering" in mid["message"] and "reload the model" in mid["message"]
+    assert mid["after_s"] < out["batch_s"] + 30, out  # the error ends the batch; nothing waits on the dead server
+    assert out["next_eval"]["raised"] == "RpcServerLost" and out["next_eval"]["after_s"] < 10, out
+    assert out["close_s"] < 10, out
+
+
 def test_rpc_servers_argument_is_checked():
     from sparq_cpp.rpc import parse_endpoints
 

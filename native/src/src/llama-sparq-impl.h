@@ -40,3 +40,7 @@ ggml_tensor * llama_sparq_build_attn(
          ggml_tensor * sinks,
                float   kq_scale,
                  int   il);
+
+// Whether an RPC server behind one of the scheduler's backends stopped answering; waits for the
+// scheduler's outstanding work first (llama_context::decode asks after each batch, and fails it).
+bool llama_sparq_rpc_lost(ggml_backend_sched_t sched);
