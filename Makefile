@@ -2,7 +2,8 @@
 #
 #   make demo      .venv + build, then the default model (smollm2-135m) answers a long essay, dense and SparQ
 #   make test      .venv + build (with the op tests), then pytest
-#   make build     (re)build the native library into sparq_cpp/lib (incremental)
+#   make build     (re)build the native library into sparq_cpp/lib and llama.cpp's tools into sparq_cpp/bin (incremental)
+#   make tools     the same: llama-bench, llama-cli, llama-server from the fork, with --sparq-* flags
 #   make bench-op  the SparQ op benchmark against dense attention (scripts/bench_op.py)
 #   make sanitize  AddressSanitizer + UBSan build (build/sanitize), then the op and cache tests on it
 #   make test-avx2 the whole test suite again on an AVX2-only build (build/avx2, AVX-512 off)
@@ -20,7 +21,7 @@ UP_PKG := $(call upstream,SPARQ_UPSTREAM_PACKAGE)
 UP_VER := $(call upstream,SPARQ_UPSTREAM_VERSION)
 UP_SHA := $(call upstream,SPARQ_UPSTREAM_SHA256)
 
-.PHONY: setup build demo test test-avx2 test-arm test-vulkan bench-op sanitize clean
+.PHONY: setup build tools demo test test-avx2 test-arm test-vulkan bench-op sanitize clean
 
 # The virtual environment: re-created when missing or broken, refreshed when the pinned
 # requirements change. llama-cpp-python is installed from the same pinned source tarball as our
@@ -39,7 +40,10 @@ setup: $(STAMP)
 build: $(STAMP)
 	@echo "building the native library into sparq_cpp/lib (a clean build takes a few minutes on 2 cores) ..."
 	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(VPY) -m pip install --quiet --disable-pip-version-check \
-	  --no-build-isolation --no-deps -e . -Ccmake.define.SPARQ_BUILD_TESTS=ON
+	  --no-build-isolation --no-deps -e . -Ccmake.define.SPARQ_BUILD_TESTS=ON -Ccmake.define.SPARQ_BUILD_TOOLS=ON
+
+# llama.cpp's llama-bench, llama-cli and llama-server with --sparq-* into sparq_cpp/bin (part of build)
+tools: build
 
 # a long essay answered with dense attention and with SparQ 1/8: both answers, both decode speeds
 demo: build

@@ -45,9 +45,16 @@ NEEDED = (
     "licenses/",
     "src/",
     "tests/test-backend-ops.cpp",
+    "scripts/ui-assets.cmake",
     "tools/CMakeLists.txt",
+    "tools/cli/",
     "tools/llama-bench/",
+    "tools/mtmd/",
     "tools/rpc/",
+    "tools/server/",
+    "tools/ui/CMakeLists.txt",
+    "tools/ui/ui.cpp.in",
+    "tools/ui/ui.h.in",
     "vendor/",
 )
 

@@ -247,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rpc-server", add_help=False, help="llama.cpp's RPC server from the fork (ggml-rpc-server): "
                                                       "-H HOST -p PORT -t THREADS; `sparq-cpp rpc-server --help`")
 
+    # listed for --help only: main() hands everything after the name to the program
+    for name, what in (("llama-bench", "llama.cpp's benchmark table, with --sparq-compression 0,1/8 ... as columns"),
+                       ("llama-cli", "llama.cpp's chat program, with --sparq-*"),
+                       ("llama-server", "llama.cpp's HTTP server, with --sparq-*")):
+        sub.add_parser(name, add_help=False, help=f"{what} (the fork's; `sparq-cpp {name} --help`)")
+
     i = sub.add_parser("info", help="versions, library path, CPU features, GPU backend")
     i.set_defaults(func=_cmd_info)
     return ap
@@ -264,6 +270,14 @@ def main(argv=None) -> int:
         try:
             return rpc.main(argv[1:])
         except FileNotFoundError as e:
+            print(f"sparq-cpp: error: {e}", file=sys.stderr)
+            return 2
+    if argv[:1] and argv[0] in ("llama-bench", "llama-cli", "llama-server"):  # llama.cpp's programs
+        from sparq_cpp import tools
+
+        try:
+            return tools.main(argv[0], argv[1:])
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
             print(f"sparq-cpp: error: {e}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)

@@ -3,6 +3,7 @@
 #include "llama-sparq-kv.h"
 #include "llama-sparq-impl.h"
 
+#include "llama-impl.h"
 #include "llama-kv-cache.h"
 
 #include "ggml-backend.h"
@@ -38,6 +39,15 @@ static void v_row_f32(const ggml_tensor * v, size_t offs, std::vector<uint8_t> &
     }
     row.resize(n);
     rows_f32(v->type, src, 1, n, row.data());
+}
+
+llama_sparq_kv::~llama_sparq_kv() {
+    if (stats.n_tokens_sparq + stats.n_tokens_dense > 0) {
+        LLAMA_LOG_INFO("llama_sparq: %lld tokens decoded with SparQ attention, %lld densely (context below min ctx, prefill); "
+                       "SparQ layers read %.3f of dense attention's K/V bytes\n",
+                       (long long) stats.n_tokens_sparq, (long long) stats.n_tokens_dense,
+                       stats.bytes_attn_dense > 0 ? stats.bytes_attn_sparq / stats.bytes_attn_dense : 0.0);
+    }
 }
 
 void llama_sparq_kv_invalidate(llama_kv_cache * kv, bool k_changed, bool v_changed) {

@@ -89,6 +89,10 @@ struct llama_sparq_kv {
 
     llama_sparq_stats stats = {};
 
+    // logs what SparQ did (tokens, bytes read against dense) when the cache goes, so that tools
+    // that print nothing of their own (llama-cli, llama-server) report it
+    ~llama_sparq_kv();
+
     // f(ikv, kt) for every layer that takes SparQ (its mirror kt is not null)
     template <typename F> void for_each_layer(F && f) const {
         for (size_t ikv = 0; ikv < kt.size(); ++ikv) {

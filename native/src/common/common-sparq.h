@@ -1,0 +1,64 @@
+// sparq-cpp: SparQ settings of llama.cpp's common tools (llama-cli, llama-server, ...): the
+// --sparq-* flags and LLAMA_ARG_SPARQ_* variables (arg-sparq.h) fill common_params::sparq, and
+// common_init_from_params turns SparQ on with them right after it makes the context
+// (native/patches/0008 hooks both in).
+#pragma once
+
+#include "llama.h"
+#include "llama-sparq.h"
+
+#include <cstdio>
+#include <string>
+
+struct common_sparq_params {
+    int         k            = 0;     // positions read exactly per token; 0: not given
+    float       compression  = 0.0f;  // fraction of dense attention's reads; 0: not given
+    std::string compression_str;      // as given ("1/8"), for messages
+    int         r            = 0;     // 0: default
+    int         l            = -1;    // -1: default
+    int         min_ctx      = -1;    // -1: default
+    int         mean_realloc = -1;    // -1: the model's default, 0 off, 1 on
+    bool        other_given  = false; // r, l, min-ctx or realloc given
+
+    bool enabled() const { return k > 0 || compression > 0.0f; }
+};
+
+// After the context is made. SparQ off (no budget given): nothing to do. False, with the reason
+// printed, when the settings are refused: the caller fails as for a context it could not make.
+static inline bool common_sparq_apply(llama_context * ctx, const common_sparq_params & sp) {
+    if (!sp.enabled()) {
+        if (sp.other_given) {
+            fprintf(stderr, "error: --sparq-r/-l/-min-ctx/-realloc need a budget: --sparq-compression or --sparq-k\n");
+            return false;
+        }
+        return true;
+    }
+    if (sp.k > 0 && sp.compression > 0.0f) {
+        fprintf(stderr, "error: give --sparq-k or --sparq-compression, not both\n");
+        return false;
+    }
+    llama_sparq_params p = llama_sparq_default_params();
+    p.k            = sp.k;
+    p.compression  = sp.compression;
+    p.r            = sp.r;
+    p.l            = sp.l;
+    p.min_ctx      = sp.min_ctx;
+    p.mean_realloc = sp.mean_realloc;
+    const int32_t st = llama_sparq_set(ctx, &p);
+    if (st < 0) {
+        fprintf(stderr, "error: SparQ settings refused: %s%s\n", llama_sparq_strerror(st),
+                st == LLAMA_SPARQ_ERR_V_TRANS ? " (SparQ needs flash attention: -fa on or auto)" : "");
+        return false;
+    }
+    if (st == LLAMA_SPARQ_DENSE) {
+        fprintf(stderr, "warning: no layer of this model can use SparQ: decoding stays dense\n");
+    } else {
+        std::string given = sp.k > 0 ? "--sparq-k " + std::to_string(sp.k) : "--sparq-compression " + sp.compression_str;
+        given += sp.r > 0 ? " --sparq-r " + std::to_string(sp.r) : "";
+        given += sp.l >= 0 ? " --sparq-l " + std::to_string(sp.l) : "";
+        given += sp.min_ctx >= 0 ? " --sparq-min-ctx " + std::to_string(sp.min_ctx) : "";
+        given += sp.mean_realloc >= 0 ? (sp.mean_realloc ? " --sparq-realloc" : " --no-sparq-realloc") : "";
+        fprintf(stderr, "sparq-cpp: SparQ attention on (%s)\n", given.c_str());
+    }
+    return true;
+}

@@ -1,0 +1,285 @@
+// sparq-cpp: SparQ settings in llama-bench (hooked in by native/patches/0007).
+//
+//   --sparq-compression 0,1/8,1/16   target fraction of dense attention's reads (0: dense)
+//   --sparq-k 0,64                   positions read exactly per token, instead (0: dense)
+//   --sparq-r, --sparq-l, --sparq-min-ctx, --sparq-realloc   the other parameters of SparQ
+//
+// Like llama-bench's own parameters each takes comma-separated values. The budgets (the
+// compression values, then the k values) form one dimension of the test grid, innermost, so that
+// dense and SparQ rows of one depth come together; r, l, min-ctx and realloc multiply the SparQ
+// rows only (a dense row has none of them). SparQ is set with llama_sparq_set right after the
+// context is made (it needs flash attention: auto or on). They are columns in every output:
+// markdown shows those given on the command line, CSV/JSON/SQL all of them, and `sparq_tokens`
+// counts the tokens of the timed runs that took SparQ.
+#pragma once
+
+#include "llama.h"
+#include "llama-sparq.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+struct sparq_bench_setting {
+    std::string compression = "0";  // as given ("1/8", "0.125"); "0" with k == 0: dense; "-" for a k row
+    float       compression_f = 0.0f;
+    int         k       = 0;
+    int         r       = 0;        // 0: default
+    int         l       = -1;       // -1: default
+    int         min_ctx = -1;       // -1: default
+    int         realloc = -1;       // -1: the model's default, 0 off, 1 on
+    int64_t     n_tokens_sparq = 0; // measured: tokens of the timed runs that went through SparQ
+
+    bool dense() const { return k == 0 && compression_f == 0.0f; }
+};
+
+struct sparq_bench_lists {
+    std::vector<std::string> compression;
+    std::vector<int>         k, r, l, min_ctx, realloc;
+};
+
+// "1/8", "0.125", "0" -> the fraction; throws std::invalid_argument outside [0, 1]
+static float sparq_bench_parse_fraction(const std::string & s) {
+    size_t slash = s.find('/');
+    size_t pos   = 0;
+    double v;
+    if (slash == std::string::npos) {
+        v = std::stod(s, &pos);
+    } else {
+        size_t p2 = 0;
+        const double num = std::stod(s.substr(0, slash), &pos);
+        const double den = std::stod(s.substr(slash + 1), &p2);
+        if (pos != slash || p2 != s.size() - slash - 1 || den <= 0) {
+            throw std::invalid_argument("--sparq-compression: '" + s + "' is not a fraction");
+        }
+        v   = num / den;
+        pos = s.size();
+    }
+    if (pos != s.size() || !(v >= 0.0 && v <= 1.0)) {
+        throw std::invalid_argument("--sparq-compression: '" + s + "' is not a number in [0, 1] (0: dense)");
+    }
+    return (float) v;
+}
+
+static int sparq_bench_parse_int(const std::string & flag, const std::string & s, int lo, int hi) {
+    size_t pos = 0;
+    const long v = std::stol(s, &pos);
+    if (pos != s.size() || v < lo || v > hi) {
+        throw std::invalid_argument(flag + ": '" + s + "' is not an integer in [" + std::to_string(lo) + ", " +
+                                    std::to_string(hi) + "]");
+    }
+    return (int) v;
+}
+
+static std::vector<std::string> sparq_bench_split(const std::string & s) {
+    std::vector<std::string> out;
+    size_t start = 0;
+    while (true) {
+        const size_t comma = s.find(',', start);
+        out.push_back(s.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+        if (comma == std::string::npos) {
+            return out;
+        }
+        start = comma + 1;
+    }
+}
+
+static void sparq_bench_print_usage() {
+    printf("\n");
+    printf("SparQ attention (sparq-cpp; each takes comma-separated values, 0 = dense):\n");
+    printf("  --sparq-compression <f>                   (default: 0) fraction of dense attention's reads, 1/8 or 0.125\n");
+    printf("  --sparq-k <n>                             (default: 0) positions read exactly per token, instead\n");
+    printf("  --sparq-r <n>                             (default: 0 = from the budget) query components\n");
+    printf("  --sparq-l <n>                             (default: -1 = k/4) local window\n");
+    printf("  --sparq-min-ctx <n>                       (default: -1 = library default) SparQ from this cache length on\n");
+    printf("  --sparq-realloc <0|1>                     (default: -1 = the model's) mean reallocation\n");
+}
+
+// One llama-bench argument: true when it is a SparQ flag (its value consumed); a bad value prints
+// an error and sets invalid (llama-bench then prints its usage and exits with 1).
+static bool sparq_bench_parse_arg(const std::string & arg, int & i, int argc, char ** argv,
+                                  sparq_bench_lists & lists, bool & invalid) {
+    static const char * flags[] = { "--sparq-compression", "--sparq-k", "--sparq-r", "--sparq-l",
+                                    "--sparq-min-ctx", "--sparq-realloc" };
+    bool known = false;
+    for (const char * f : flags) {
+        known = known || arg == f;
+    }
+    if (!known) {
+        return false;
+    }
+    if (++i >= argc) {
+        fprintf(stderr, "error: %s needs a value\n", arg.c_str());
+        invalid = true;
+        return true;
+    }
+    try {
+        for (const auto & v : sparq_bench_split(argv[i])) {
+            if (arg == "--sparq-compression") {
+                sparq_bench_parse_fraction(v);
+                lists.compression.push_back(v);
+            } else if (arg == "--sparq-k") {
+                lists.k.push_back(sparq_bench_parse_int(arg, v, 0, 1 << 30));
+            } else if (arg == "--sparq-r") {
+                lists.r.push_back(sparq_bench_parse_int(arg, v, 0, 1 << 16));
+            } else if (arg == "--sparq-l") {
+                lists.l.push_back(sparq_bench_parse_int(arg, v, -1, 1 << 30));
+            } else if (arg == "--sparq-min-ctx") {
+                lists.min_ctx.push_back(sparq_bench_parse_int(arg, v, -1, 1 << 30));
+            } else {
+                lists.realloc.push_back(sparq_bench_parse_int(arg, v, 0, 1));
+            }
+        }
+    } catch (const std::exception & e) {
+        // std::stoi and friends say only "stoi": name the flag and the value
+        const std::string what = e.what();
+        if (what.rfind("--sparq", 0) == 0) {
+            fprintf(stderr, "error: %s\n", what.c_str());
+        } else {
+            fprintf(stderr, "error: %s: '%s' is not a number\n", arg.c_str(), argv[i]);
+        }
+        invalid = true;
+    }
+    return true;
+}
+
+// The SparQ settings of the grid: dense and each budget, times the other parameters' values.
+static std::vector<sparq_bench_setting> sparq_bench_settings(const sparq_bench_lists & lists) {
+    auto or_default = [](const std::vector<int> & v, int d) { return v.empty() ? std::vector<int>{ d } : v; };
+    std::vector<sparq_bench_setting> budgets;
+    for (const auto & c : lists.compression) {
+        sparq_bench_setting s;
+        s.compression   = c;
+        s.compression_f = sparq_bench_parse_fraction(c);
+        budgets.push_back(s);
+    }
+    for (int k : lists.k) {
+        sparq_bench_setting s;
+        s.k           = k;
+        s.compression = k > 0 ? "-" : "0"; // a k row has no compression
+        budgets.push_back(s);
+    }
+    if (budgets.empty()) {
+        budgets.emplace_back(); // no budget given: dense only, llama-bench as upstream
+    }
+    std::vector<sparq_bench_setting> out;
+    for (const auto & b : budgets) {
+        if (b.dense()) {
+            out.push_back(b);
+            continue;
+        }
+        for (int r : or_default(lists.r, 0))
+        for (int l : or_default(lists.l, -1))
+        for (int m : or_default(lists.min_ctx, -1))
+        for (int a : or_default(lists.realloc, -1)) {
+            sparq_bench_setting s = b;
+            s.r = r; s.l = l; s.min_ctx = m; s.realloc = a;
+            out.push_back(s);
+        }
+    }
+    return out;
+}
+
+// Each test instance once per SparQ setting (the setting varies fastest).
+template <typename Instance>
+static std::vector<Instance> sparq_bench_expand(const std::vector<Instance> & instances, const sparq_bench_lists & lists) {
+    const auto settings = sparq_bench_settings(lists);
+    std::vector<Instance> out;
+    for (const auto & inst : instances) {
+        for (const auto & s : settings) {
+            out.push_back(inst);
+            out.back().sparq = s;
+        }
+    }
+    return out;
+}
+
+// After the context is made: turns SparQ on for a SparQ setting. False, with an error printed,
+// when the library refuses the setting (llama-bench then exits with 1).
+static bool sparq_bench_apply(llama_context * ctx, const sparq_bench_setting & s) {
+    if (s.dense()) {
+        return true;
+    }
+    llama_sparq_params p = llama_sparq_default_params();
+    p.k            = s.k;
+    p.compression  = s.compression_f;
+    p.r            = s.r;
+    p.l            = s.l;
+    p.min_ctx      = s.min_ctx;
+    p.mean_realloc = s.realloc;
+    const int32_t st = llama_sparq_set(ctx, &p);
+    if (st < 0) {
+        fprintf(stderr, "error: SparQ setting %s refused: %s\n",
+                s.k > 0 ? ("--sparq-k " + std::to_string(s.k)).c_str() : ("--sparq-compression " + s.compression).c_str(),
+                llama_sparq_strerror(st));
+        return false;
+    }
+    if (st == LLAMA_SPARQ_DENSE) {
+        fprintf(stderr, "warning: no layer of this model can use SparQ: its rows decode densely\n");
+    }
+    return true;
+}
+
+// Before a timed run, after the depth is in the cache: resets SparQ's counters. A depth restored from llama-bench's state
+// cache leaves SparQ's K^T mirror and V sums to be rebuilt at the next decode, which would fall
+// inside the timing: one untimed token at the end of the depth rebuilds them, and is removed.
+static void sparq_bench_before_timing(llama_context * ctx, const sparq_bench_setting & s, int n_depth) {
+    if (s.dense()) {
+        return;
+    }
+    if (n_depth <= 0) {
+        llama_sparq_stats_reset(ctx);
+        return;
+    }
+    llama_token tok = llama_vocab_bos(llama_model_get_vocab(llama_get_model(ctx)));
+    if (tok == LLAMA_TOKEN_NULL) {
+        tok = 0;
+    }
+    if (llama_decode(ctx, llama_batch_get_one(&tok, 1)) == 0) {
+        llama_synchronize(ctx);
+    }
+    llama_memory_seq_rm(llama_get_memory(ctx), 0, n_depth, -1);
+    llama_sparq_stats_reset(ctx);
+}
+
+static void sparq_bench_after_run(const llama_context * ctx, sparq_bench_setting & s) {
+    llama_sparq_stats st;
+    if (!s.dense() && llama_sparq_stats_get(ctx, &st) == 0) {
+        s.n_tokens_sparq += st.n_tokens_sparq;
+    }
+}
+
+static std::vector<std::string> sparq_bench_add_fields(std::vector<std::string> fields) {
+    for (const char * f : { "sparq_compression", "sparq_k", "sparq_r", "sparq_l", "sparq_min_ctx", "sparq_realloc",
+                            "sparq_tokens" }) {
+        fields.emplace_back(f);
+    }
+    return fields;
+}
+
+static bool sparq_bench_is_int_field(const std::string & f) {
+    return f == "sparq_k" || f == "sparq_r" || f == "sparq_l" || f == "sparq_min_ctx" || f == "sparq_realloc" ||
+           f == "sparq_tokens";
+}
+
+static void sparq_bench_add_values(std::vector<std::string> & values, const sparq_bench_setting & s) {
+    values.push_back(s.compression);
+    values.push_back(std::to_string(s.k));
+    values.push_back(std::to_string(s.r));
+    values.push_back(std::to_string(s.l));
+    values.push_back(std::to_string(s.min_ctx));
+    values.push_back(std::to_string(s.realloc));
+    values.push_back(std::to_string(s.n_tokens_sparq));
+}
+
+// The markdown table's SparQ columns: those given on the command line.
+static void sparq_bench_markdown_fields(const sparq_bench_lists & lists, std::vector<std::string> & fields) {
+    if (!lists.compression.empty()) fields.emplace_back("sparq_compression");
+    if (!lists.k.empty())           fields.emplace_back("sparq_k");
+    if (!lists.r.empty())           fields.emplace_back("sparq_r");
+    if (!lists.l.empty())           fields.emplace_back("sparq_l");
+    if (!lists.min_ctx.empty())     fields.emplace_back("sparq_min_ctx");
+    if (!lists.realloc.empty())     fields.emplace_back("sparq_realloc");
+}
