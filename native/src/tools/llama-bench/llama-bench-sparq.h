@@ -182,16 +182,25 @@ static std::vector<sparq_bench_setting> sparq_bench_settings(const sparq_bench_l
     return out;
 }
 
-// Each test instance once per SparQ setting (the setting varies fastest).
+// Each test instance once per SparQ setting (the setting varies fastest). SparQ needs flash
+// attention (V stored row-major): with -fa 0 only the dense row is run, and that is said once.
 template <typename Instance>
 static std::vector<Instance> sparq_bench_expand(const std::vector<Instance> & instances, const sparq_bench_lists & lists) {
     const auto settings = sparq_bench_settings(lists);
     std::vector<Instance> out;
+    bool skipped = false;
     for (const auto & inst : instances) {
         for (const auto & s : settings) {
+            if (!s.dense() && inst.flash_attn == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+                skipped = true;
+                continue;
+            }
             out.push_back(inst);
             out.back().sparq = s;
         }
+    }
+    if (skipped) {
+        fprintf(stderr, "warning: SparQ needs flash attention: with -fa 0 only the dense rows run\n");
     }
     return out;
 }
