@@ -46,6 +46,9 @@ class Llama(llama_cpp.Llama):
             from .rpc import add_servers
 
             self._rpc_endpoints = add_servers(rpc_servers)
+        from .rpc import check_registered
+
+        check_registered()
         if str(model_path) in KNOWN_MODELS:
             model_path = _model_path(model_path)
         self._sparq_params: Optional[SparqParams] = None

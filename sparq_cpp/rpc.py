@@ -95,6 +95,17 @@ def lost_error(endpoints: List[str]) -> Optional[RpcServerLost]:
                          "layers and KV cache there are lost; start the server again and reload the model")
 
 
+def check_registered() -> None:
+    """Before a model loads: ggml offers every RPC server registered in this process to every
+    model (there is no unregistering), so one that has gone away fails the load. ConnectionError
+    naming it, instead of llama-cpp-python's bare "Failed to load model"."""
+    gone = [e for e in _REGISTERED if not _reachable(e)]
+    if gone:
+        raise ConnectionError(f"the RPC server {', '.join(gone)}, registered earlier in this process, is gone: ggml keeps "
+                              "RPC servers for the life of the process, so every model load would use it; start it "
+                              "again at the same address, or load the model in a new process")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

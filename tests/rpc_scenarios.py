@@ -2,10 +2,11 @@
 with ggml stay registered until the process exits (a later model load would ask a stopped
 server for its memory), so the test process itself never registers one.
 
-    python tests/rpc_scenarios.py one|two|unreachable|lost   -> one JSON line on stdout
+    python tests/rpc_scenarios.py one|two|unreachable|lost|lost_between   -> one JSON line on stdout
 """
 
 import json
+import signal
 import sys
 import threading
 import time
@@ -73,9 +74,44 @@ def _lost():
     return out
 
 
+def _lost_between():
+    """Killed between two decodes, with SIGPIPE at its default as in a C program (Python ignores
+    it): the next decode writes to the closed connection and fails, the process lives on. Then a
+    model on a new server: ggml still lists the dead one (servers stay registered for the life of
+    the process), so loading raises an error that says so instead of aborting."""
+    from sparq_cpp.rpc import RpcServerLost
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    out = {}
+    srv = RpcServer(threads=1)
+    llm = Llama("smollm2-135m", n_ctx=1024, n_batch=512, n_threads=1, verbose=False,
+                rpc_servers=srv.endpoint, n_gpu_layers=-1, **SPARQ)
+    toks = _tokens(llm, models.essays_text(8), 128)
+    llm.eval(toks[:64])
+    srv.proc.kill()
+    srv.proc.wait()
+    try:
+        llm.eval(toks[64:128])
+        out["between"] = {"raised": None}
+    except RpcServerLost as e:
+        out["between"] = {"raised": type(e).__name__}
+    llm.close()
+    srv.stop()
+    srv2 = RpcServer(threads=1)
+    try:
+        Llama("smollm2-135m", n_ctx=1024, verbose=False, rpc_servers=srv2.endpoint, n_gpu_layers=-1)
+        out["reload"] = {"raised": None}
+    except (ConnectionError, ValueError) as e:
+        out["reload"] = {"raised": type(e).__name__, "message": str(e)}
+    srv2.stop()
+    return out
+
+
 def main(which):
     if which == "lost":
         return _lost()
+    if which == "lost_between":
+        return _lost_between()
     if which == "unreachable":
         port = free_port()  # nothing listens there
         try:

@@ -60,6 +60,17 @@ def test_rpc_server_lost_mid_decode_raises():
     assert out["close_s"] < 10, out
 
 
+def test_rpc_server_lost_between_decodes_then_another_model():
+    # killed between two decodes with SIGPIPE at its default (as in a C program): the next eval
+    # raises instead of the process dying (the fork's ggml-rpc sends with MSG_NOSIGNAL); a model
+    # on a new server then raises ConnectionError naming the dead one, which ggml still offers
+    # every model, instead of aborting in ggml-rpc's connect
+    out = _scenario("lost_between")
+    assert out["between"]["raised"] == "RpcServerLost", out
+    assert out["reload"]["raised"] == "ConnectionError", out
+    assert "registered earlier in this process, is gone" in out["reload"]["message"], out
+
+
 def test_rpc_servers_argument_is_checked():
     from sparq_cpp.rpc import parse_endpoints
 
