@@ -76,12 +76,12 @@ def test_llama_bench_k_rows_and_grid(model):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sparq-compression", "2"], "--sparq-compression: '2' is not a number in [0, 1]"),
-    (["--sparq-compression", "1/x"], "--sparq-compression: '1/x' is not a"),
+    (["--sparq-compression", "2"], "--sparq-compression: '2' is not a fraction in [0, 1]"),
+    (["--sparq-compression", "1/x"], "--sparq-compression: '1/x' is not a fraction"),
     (["--sparq-k", "-3"], "--sparq-k: '-3' is not an integer"),
     (["--sparq-realloc", "2"], "--sparq-realloc: '2' is not an integer in [0, 1]"),
     (["--sparq-k"], "--sparq-k needs a value"),
-    (["--sparq-k", "32", "--sparq-r", "9999"], "SparQ setting --sparq-k 32 refused: r must be in 1..head size"),
+    (["--sparq-k", "32", "--sparq-r", "9999"], "SparQ settings refused: r must be in 1..head size"),
 ])
 def test_llama_bench_bad_values(model, args, message):
     r = _run("llama-bench", ["-m", model, "-p", "0", "-n", "4", "-r", "1"] + args)

@@ -9,33 +9,6 @@
 #include <stdexcept>
 #include <string>
 
-static inline float common_sparq_parse_fraction(const std::string & s) {
-    size_t pos = 0;
-    double v   = 0.0;
-    try {
-        const size_t slash = s.find('/');
-        if (slash == std::string::npos) {
-            v = std::stod(s, &pos);
-        } else {
-            size_t p2 = 0;
-            const double num = std::stod(s.substr(0, slash), &pos);
-            const double den = std::stod(s.substr(slash + 1), &p2);
-            if (pos != slash || p2 != s.size() - slash - 1 || !(den > 0)) {
-                pos = 0;
-            } else {
-                v   = num / den;
-                pos = s.size();
-            }
-        }
-    } catch (const std::exception &) {
-        pos = 0;
-    }
-    if (pos != s.size() || !(v >= 0.0 && v <= 1.0)) {
-        throw std::invalid_argument("--sparq-compression: '" + s + "' is not a fraction in [0, 1], such as 1/8 or 0.125 (0: off)");
-    }
-    return (float) v;
-}
-
 static inline void common_sparq_check_int(const char * flag, int v, int lo) {
     if (v < lo) {
         throw std::invalid_argument(std::string(flag) + " must be >= " + std::to_string(lo) + ", got " + std::to_string(v));

@@ -8,6 +8,7 @@
 #include "llama-sparq.h"
 
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 
 struct common_sparq_params {
@@ -23,9 +24,49 @@ struct common_sparq_params {
     bool enabled() const { return k > 0 || compression > 0.0f; }
 };
 
+// "1/8", "0.125", "0" -> the fraction (0: off); std::invalid_argument outside [0, 1]
+static inline float common_sparq_parse_fraction(const std::string & s) {
+    size_t pos = 0;
+    double v   = 0.0;
+    try {
+        const size_t slash = s.find('/');
+        if (slash == std::string::npos) {
+            v = std::stod(s, &pos);
+        } else {
+            size_t p2 = 0;
+            const double num = std::stod(s.substr(0, slash), &pos);
+            const double den = std::stod(s.substr(slash + 1), &p2);
+            if (pos != slash || p2 != s.size() - slash - 1 || !(den > 0)) {
+                pos = 0;
+            } else {
+                v   = num / den;
+                pos = s.size();
+            }
+        }
+    } catch (const std::exception &) {
+        pos = 0;
+    }
+    if (pos != s.size() || !(v >= 0.0 && v <= 1.0)) {
+        throw std::invalid_argument("--sparq-compression: '" + s + "' is not a fraction in [0, 1], such as 1/8 or 0.125 (0: off)");
+    }
+    return (float) v;
+}
+
+static inline llama_sparq_params common_sparq_llama_params(const common_sparq_params & sp) {
+    llama_sparq_params p = llama_sparq_default_params();
+    p.k            = sp.k;
+    p.compression  = sp.compression;
+    p.r            = sp.r;
+    p.l            = sp.l;
+    p.min_ctx      = sp.min_ctx;
+    p.mean_realloc = sp.mean_realloc;
+    return p;
+}
+
 // After the context is made. SparQ off (no budget given): nothing to do. False, with the reason
 // printed, when the settings are refused: the caller fails as for a context it could not make.
-static inline bool common_sparq_apply(llama_context * ctx, const common_sparq_params & sp) {
+// announce: say on stderr that SparQ is on (llama-cli, llama-server; llama-bench has its columns).
+static inline bool common_sparq_apply(llama_context * ctx, const common_sparq_params & sp, bool announce = true) {
     if (!sp.enabled()) {
         if (sp.other_given) {
             fprintf(stderr, "error: --sparq-r/-l/-min-ctx/-realloc need a budget: --sparq-compression or --sparq-k\n");
@@ -37,13 +78,7 @@ static inline bool common_sparq_apply(llama_context * ctx, const common_sparq_pa
         fprintf(stderr, "error: give --sparq-k or --sparq-compression, not both\n");
         return false;
     }
-    llama_sparq_params p = llama_sparq_default_params();
-    p.k            = sp.k;
-    p.compression  = sp.compression;
-    p.r            = sp.r;
-    p.l            = sp.l;
-    p.min_ctx      = sp.min_ctx;
-    p.mean_realloc = sp.mean_realloc;
+    const llama_sparq_params p = common_sparq_llama_params(sp);
     const int32_t st = llama_sparq_set(ctx, &p);
     if (st < 0) {
         fprintf(stderr, "error: SparQ settings refused: %s%s\n", llama_sparq_strerror(st),
@@ -52,7 +87,7 @@ static inline bool common_sparq_apply(llama_context * ctx, const common_sparq_pa
     }
     if (st == LLAMA_SPARQ_DENSE) {
         fprintf(stderr, "warning: no layer of this model can use SparQ: decoding stays dense\n");
-    } else {
+    } else if (announce) {
         std::string given = sp.k > 0 ? "--sparq-k " + std::to_string(sp.k) : "--sparq-compression " + sp.compression_str;
         given += sp.r > 0 ? " --sparq-r " + std::to_string(sp.r) : "";
         given += sp.l >= 0 ? " --sparq-l " + std::to_string(sp.l) : "";

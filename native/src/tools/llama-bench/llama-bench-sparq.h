@@ -13,8 +13,8 @@
 // counts the tokens of the timed runs that took SparQ.
 #pragma once
 
+#include "common-sparq.h"
 #include "llama.h"
-#include "llama-sparq.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -23,45 +23,17 @@
 #include <vector>
 
 struct sparq_bench_setting {
-    std::string compression = "0";  // as given ("1/8", "0.125"); "0" with k == 0: dense; "-" for a k row
-    float       compression_f = 0.0f;
-    int         k       = 0;
-    int         r       = 0;        // 0: default
-    int         l       = -1;       // -1: default
-    int         min_ctx = -1;       // -1: default
-    int         realloc = -1;       // -1: the model's default, 0 off, 1 on
-    int64_t     n_tokens_sparq = 0; // measured: tokens of the timed runs that went through SparQ
+    common_sparq_params p;                  // k == 0 and compression == 0: dense
+    std::string         compression = "0";  // the column: as given ("1/8", "0.125"); "-" for a k row
+    int64_t             n_tokens_sparq = 0; // measured: tokens of the timed runs that went through SparQ
 
-    bool dense() const { return k == 0 && compression_f == 0.0f; }
+    bool dense() const { return !p.enabled(); }
 };
 
 struct sparq_bench_lists {
     std::vector<std::string> compression;
     std::vector<int>         k, r, l, min_ctx, realloc;
 };
-
-// "1/8", "0.125", "0" -> the fraction; throws std::invalid_argument outside [0, 1]
-static float sparq_bench_parse_fraction(const std::string & s) {
-    size_t slash = s.find('/');
-    size_t pos   = 0;
-    double v;
-    if (slash == std::string::npos) {
-        v = std::stod(s, &pos);
-    } else {
-        size_t p2 = 0;
-        const double num = std::stod(s.substr(0, slash), &pos);
-        const double den = std::stod(s.substr(slash + 1), &p2);
-        if (pos != slash || p2 != s.size() - slash - 1 || den <= 0) {
-            throw std::invalid_argument("--sparq-compression: '" + s + "' is not a fraction");
-        }
-        v   = num / den;
-        pos = s.size();
-    }
-    if (pos != s.size() || !(v >= 0.0 && v <= 1.0)) {
-        throw std::invalid_argument("--sparq-compression: '" + s + "' is not a number in [0, 1] (0: dense)");
-    }
-    return (float) v;
-}
 
 static int sparq_bench_parse_int(const std::string & flag, const std::string & s, int lo, int hi) {
     size_t pos = 0;
@@ -118,7 +90,7 @@ static bool sparq_bench_parse_arg(const std::string & arg, int & i, int argc, ch
     try {
         for (const auto & v : sparq_bench_split(argv[i])) {
             if (arg == "--sparq-compression") {
-                sparq_bench_parse_fraction(v);
+                common_sparq_parse_fraction(v);
                 lists.compression.push_back(v);
             } else if (arg == "--sparq-k") {
                 lists.k.push_back(sparq_bench_parse_int(arg, v, 0, 1 << 30));
@@ -151,13 +123,14 @@ static std::vector<sparq_bench_setting> sparq_bench_settings(const sparq_bench_l
     std::vector<sparq_bench_setting> budgets;
     for (const auto & c : lists.compression) {
         sparq_bench_setting s;
-        s.compression   = c;
-        s.compression_f = sparq_bench_parse_fraction(c);
+        s.compression       = c;
+        s.p.compression     = common_sparq_parse_fraction(c);
+        s.p.compression_str = c;
         budgets.push_back(s);
     }
     for (int k : lists.k) {
         sparq_bench_setting s;
-        s.k           = k;
+        s.p.k         = k;
         s.compression = k > 0 ? "-" : "0"; // a k row has no compression
         budgets.push_back(s);
     }
@@ -175,7 +148,7 @@ static std::vector<sparq_bench_setting> sparq_bench_settings(const sparq_bench_l
         for (int m : or_default(lists.min_ctx, -1))
         for (int a : or_default(lists.realloc, -1)) {
             sparq_bench_setting s = b;
-            s.r = r; s.l = l; s.min_ctx = m; s.realloc = a;
+            s.p.r = r; s.p.l = l; s.p.min_ctx = m; s.p.mean_realloc = a;
             out.push_back(s);
         }
     }
@@ -205,30 +178,10 @@ static std::vector<Instance> sparq_bench_expand(const std::vector<Instance> & in
     return out;
 }
 
-// After the context is made: turns SparQ on for a SparQ setting. False, with an error printed,
+// After the context is made: turns SparQ on for a SparQ setting. False, with the reason printed,
 // when the library refuses the setting (llama-bench then exits with 1).
 static bool sparq_bench_apply(llama_context * ctx, const sparq_bench_setting & s) {
-    if (s.dense()) {
-        return true;
-    }
-    llama_sparq_params p = llama_sparq_default_params();
-    p.k            = s.k;
-    p.compression  = s.compression_f;
-    p.r            = s.r;
-    p.l            = s.l;
-    p.min_ctx      = s.min_ctx;
-    p.mean_realloc = s.realloc;
-    const int32_t st = llama_sparq_set(ctx, &p);
-    if (st < 0) {
-        fprintf(stderr, "error: SparQ setting %s refused: %s\n",
-                s.k > 0 ? ("--sparq-k " + std::to_string(s.k)).c_str() : ("--sparq-compression " + s.compression).c_str(),
-                llama_sparq_strerror(st));
-        return false;
-    }
-    if (st == LLAMA_SPARQ_DENSE) {
-        fprintf(stderr, "warning: no layer of this model can use SparQ: its rows decode densely\n");
-    }
-    return true;
+    return common_sparq_apply(ctx, s.p, /*announce =*/ false);
 }
 
 // Before a timed run, after the depth is in the cache: resets SparQ's counters. A depth restored from llama-bench's state
@@ -275,11 +228,11 @@ static bool sparq_bench_is_int_field(const std::string & f) {
 
 static void sparq_bench_add_values(std::vector<std::string> & values, const sparq_bench_setting & s) {
     values.push_back(s.compression);
-    values.push_back(std::to_string(s.k));
-    values.push_back(std::to_string(s.r));
-    values.push_back(std::to_string(s.l));
-    values.push_back(std::to_string(s.min_ctx));
-    values.push_back(std::to_string(s.realloc));
+    values.push_back(std::to_string(s.p.k));
+    values.push_back(std::to_string(s.p.r));
+    values.push_back(std::to_string(s.p.l));
+    values.push_back(std::to_string(s.p.min_ctx));
+    values.push_back(std::to_string(s.p.mean_realloc));
     values.push_back(std::to_string(s.n_tokens_sparq));
 }
 
