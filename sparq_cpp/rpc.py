@@ -56,11 +56,9 @@ def add_servers(servers: str, timeout: float = 5.0) -> List[str]:
     for e in endpoints:
         if e in _REGISTERED:
             continue
-        host, _, port = e.rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=timeout).close()
-        except OSError as err:
-            raise ConnectionError(f"rpc_servers: cannot reach the RPC server {e} ({err})") from None
+        err = _connect_error(e, timeout)
+        if err is not None:
+            raise ConnectionError(f"rpc_servers: cannot reach the RPC server {e} ({err})")
         reg = add(e.encode())
         if reg == ffi.NULL:
             raise ConnectionError(f"rpc_servers: the RPC server {e} was not accepted")
@@ -75,20 +73,21 @@ class RpcServerLost(ConnectionError, RuntimeError):
     A ConnectionError, and a RuntimeError like llama-cpp-python's other decode failures."""
 
 
-def _reachable(endpoint: str, timeout: float = 2.0) -> bool:
+def _connect_error(endpoint: str, timeout: float = 2.0) -> Optional[OSError]:
+    """None when the server at host:port accepts a connection, else why not."""
     host, _, port = endpoint.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as err:
+        return err
 
 
 def lost_error(endpoints: List[str]) -> Optional[RpcServerLost]:
     """After a failed decode: RpcServerLost naming the servers that no longer accept a connection,
     or None when all do (the failure had another cause, or a server was restarted in between: the
     library's log names the server it lost)."""
-    gone = [e for e in endpoints if not _reachable(e)]
+    gone = [e for e in endpoints if _connect_error(e) is not None]
     if not gone:
         return None
     return RpcServerLost(f"RPC server {', '.join(gone)} stopped answering during a decode: the model's "
@@ -99,7 +98,7 @@ def check_registered() -> None:
     """Before a model loads: ggml offers every RPC server registered in this process to every
     model (there is no unregistering), so one that has gone away fails the load. ConnectionError
     naming it, instead of llama-cpp-python's bare "Failed to load model"."""
-    gone = [e for e in _REGISTERED if not _reachable(e)]
+    gone = [e for e in _REGISTERED if _connect_error(e) is not None]
     if gone:
         raise ConnectionError(f"the RPC server {', '.join(gone)}, registered earlier in this process, is gone: ggml keeps "
                               "RPC servers for the life of the process, so every model load would use it; start it "

@@ -14,25 +14,25 @@
 #include "ggml-backend.h"
 
 #include <cstring>
+#include <vector>
 
 typedef bool (*rpc_lost_fn)(ggml_backend_t backend);
 
-static bool backend_is_rpc(ggml_backend_t backend) {
-    ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+bool llama_sparq_dev_is_rpc(ggml_backend_dev_t dev) {
     ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
     return reg != nullptr && strcmp(ggml_backend_reg_name(reg), "RPC") == 0;
 }
 
 bool llama_sparq_rpc_lost(ggml_backend_sched_t sched) {
-    if (sched == nullptr) {
-        return false;
+    std::vector<ggml_backend_t> rpc;
+    const int n = sched ? ggml_backend_sched_get_n_backends(sched) : 0;
+    for (int i = 0; i < n; ++i) {
+        ggml_backend_t backend = ggml_backend_sched_get_backend(sched, i);
+        if (llama_sparq_dev_is_rpc(ggml_backend_get_device(backend))) {
+            rpc.push_back(backend);
+        }
     }
-    const int n = ggml_backend_sched_get_n_backends(sched);
-    bool any_rpc = false;
-    for (int i = 0; i < n && !any_rpc; ++i) {
-        any_rpc = backend_is_rpc(ggml_backend_sched_get_backend(sched, i));
-    }
-    if (!any_rpc) {
+    if (rpc.empty()) {
         return false;
     }
     ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
@@ -42,9 +42,8 @@ bool llama_sparq_rpc_lost(ggml_backend_sched_t sched) {
     }
     // wait for the outputs of this batch: a server lost while computing shows up here
     ggml_backend_sched_synchronize(sched);
-    for (int i = 0; i < n; ++i) {
-        ggml_backend_t backend = ggml_backend_sched_get_backend(sched, i);
-        if (backend_is_rpc(backend) && lost(backend)) {
+    for (ggml_backend_t backend : rpc) {
+        if (lost(backend)) {
             LLAMA_LOG_ERROR("%s: the RPC server of %s is gone: its layers and cache are lost, reload the model\n",
                             __func__, ggml_backend_name(backend));
             return true;

@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -121,9 +120,7 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
 // every op without asking the server, so the client cannot tell a server built with the fused op
 // (sparq-cpp's rpc-server) from one without it (upstream's, which would abort on it)
 static bool layer_on_rpc(const llama_kv_cache & kv, size_t ikv) {
-    ggml_backend_dev_t dev = layer_device(kv, ikv);
-    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
-    return reg != nullptr && strcmp(ggml_backend_reg_name(reg), "RPC") == 0;
+    return llama_sparq_dev_is_rpc(layer_device(kv, ikv));
 }
 
 // whether the backend that holds layer ikv has a kernel for the fused op (else: portable graph)
