@@ -1,5 +1,6 @@
 // sparq-cpp: the inner loops of the CPU kernel (sparq.cpp), each with its x86 path (AVX2, F16C,
-// FMA), its ARM path (AArch64 NEON) and a plain one: the mask scan, the selection's compare
+// FMA; AVX-512 where the build has it and it measured faster), its ARM path (AArch64 NEON) and a
+// plain one: the mask scan, the selection's compare
 // passes, step 2's approximate logits, the dot products of a K row with a group's queries, and
 // the accumulation of a V row into a group's sums. Both vector paths compute in fp32 (f16 and
 // q8_0 values converted on the fly), in the same order of operations where it matters for the
@@ -40,17 +41,28 @@ inline void split_range(int64_t lo, int64_t hi, int ith, int nth, int64_t & c0, 
     c1 = std::min(hi, c0 + chunk);
 }
 
+// the selection's histograms have at most 2^SPARQ_HBITS bins
+constexpr int SPARQ_HBITS = 12;
+
 // Histogram of the top hbits bits of the scores gs[c0, c1) that are >= 0 (or +inf): their bit
-// patterns order like the values. Each thread counts its own positions (step 3).
+// patterns order like the values. Each thread counts its own positions (step 3). Neighbouring
+// positions often share a bin: even and odd positions count into two histograms, so that two
+// increments of one counter are not back to back, then the two are added.
 inline void score_histogram(const float * gs, int64_t c0, int64_t c1, int hbits, int32_t * hist) {
-    memset(hist, 0, sizeof(int32_t) << hbits);
+    const size_t nb = size_t(1) << hbits;
+    int32_t odd[size_t(1) << SPARQ_HBITS];
+    memset(hist, 0, nb*sizeof(int32_t));
+    memset(odd, 0, nb*sizeof(int32_t));
     const uint32_t * bits = (const uint32_t *) gs;
-    for (int64_t p = c0; p < c1; ++p) {
-        const uint32_t u = bits[p];
-        if (!(u >> 31)) {
-            hist[u >> (32 - hbits)]++;
-        }
+    const int sh = 32 - hbits;
+    int64_t p = c0;
+    for (; p + 2 <= c1; p += 2) {
+        const uint32_t u0 = bits[p], u1 = bits[p + 1];
+        if (!(u0 >> 31)) hist[u0 >> sh]++;
+        if (!(u1 >> 31)) odd[u1 >> sh]++;
     }
+    if (p < c1 && !(bits[p] >> 31)) hist[bits[p] >> sh]++;
+    for (size_t i = 0; i < nb; ++i) hist[i] += odd[i];
 }
 
 // Top-k of gs[lo, hi) (entries < 0 are never chosen), written in position order to sel, from the
@@ -257,6 +269,45 @@ inline void step2_avx2(int64_t p0, int64_t n, int r, const ggml_fp16_t * const *
 
 #endif
 
+#if defined(__AVX512F__)
+// Step 2 as step2_avx2 with AVX-512: units of 16 positions, n a multiple of 16*NV
+template <int NG, int NV>
+inline void step2_avx512(int64_t p0, int64_t n, int r, const ggml_fp16_t * const * rows, const float * qs,
+                         const float * asc, const ggml_tensor * mask, const char * mrow,
+                         float * const * Lh, float * gs, float * lmax) {
+    __m512 vmax[NG];
+    for (int h = 0; h < NG; ++h) vmax[h] = _mm512_set1_ps(lmax[h]);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < n; i += 16*NV) {
+        const int64_t p = p0 + i;
+        __m512 a[NG][NV];
+        for (int h = 0; h < NG; ++h) for (int u = 0; u < NV; ++u) a[h][u] = _mm512_setzero_ps();
+        for (int jj = 0; jj < r; ++jj) {
+            __m512 x[NV];
+            for (int u = 0; u < NV; ++u) x[u] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (rows[jj] + p + 16*u)));
+            for (int h = 0; h < NG; ++h) {
+                const __m512 qb = _mm512_set1_ps(qs[jj*NG + h]);
+                for (int u = 0; u < NV; ++u) a[h][u] = _mm512_fmadd_ps(x[u], qb, a[h][u]);
+            }
+        }
+        for (int u = 0; u < NV; ++u) {
+            const int64_t pu = p + 16*u;
+            const __m512 m = mask->type == GGML_TYPE_F16
+                ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const ggml_fp16_t *) mrow + pu)))
+                : _mm512_loadu_ps((const float *) mrow + pu);
+            const __mmask16 is_masked = _mm512_cmp_ps_mask(m, ninf, _CMP_EQ_OQ);
+            _mm512_storeu_ps(gs + pu, _mm512_maskz_mov_ps(is_masked, _mm512_set1_ps(-1.0f)));
+            for (int h = 0; h < NG; ++h) {
+                const __m512 x = _mm512_mask_mov_ps(_mm512_fmadd_ps(a[h][u], _mm512_set1_ps(asc[h]), m), is_masked, ninf);
+                _mm512_storeu_ps(Lh[h] + pu, x);
+                vmax[h] = _mm512_max_ps(vmax[h], x);
+            }
+        }
+    }
+    for (int h = 0; h < NG; ++h) lmax[h] = std::max(lmax[h], _mm512_reduce_max_ps(vmax[h]));
+}
+#endif
+
 #if defined(SPARQ_SIMD_NEON)
 // Step 2 as step2_avx2, with NEON: NV units of 8 positions (two vectors of 4) per head in
 // registers, f16 K^T converted on the fly, logits = acc*ascale + mask in one fused multiply-add
@@ -312,7 +363,12 @@ inline void step2_range(int64_t p0, int64_t n, int r, const ggml_fp16_t * const 
                         float * const * Lh, float * gs, float * lmax) {
     constexpr int NV = NG <= 2 ? 4 : 2;
     const int64_t nw = n - n % (8*NV);
-#if defined(SPARQ_SIMD_AVX2)
+#if defined(__AVX512F__)
+    const int64_t n16 = n - n % (16*NV);
+    step2_avx512<NG, NV>(p0, n16, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+    step2_avx2<NG, 1>(p0 + n16, n - n16, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+    (void) nw;
+#elif defined(SPARQ_SIMD_AVX2)
     step2_avx2<NG, NV>(p0, nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
     step2_avx2<NG, 1>(p0 + nw, n - nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
 #else
@@ -332,31 +388,54 @@ inline float hsum(__m256 a) {
 #endif
 
 #if defined(SPARQ_SIMD)
-// dots of one f16 K row with the G f32 queries of a group (q: G rows of D), D a multiple of 8;
-// each 8 values of K are converted once and used by up to 4 heads
+// dots of one f16 K row with NG (<= 4) f32 queries (q: NG rows of D), D a multiple of 8 (16 with
+// AVX-512); each vector of K is converted once and used by every head; the sums stay in registers
+template <int NG>
+inline void dot_heads_f16(const ggml_fp16_t * kr, const float * q, int64_t D, float * out) {
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+        __m512 a[NG];
+        for (int h = 0; h < NG; ++h) a[h] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < D; j += 16) {
+            const __m512 kv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (kr + j)));
+            for (int h = 0; h < NG; ++h) a[h] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q + h*D + j), a[h]);
+        }
+        for (int h = 0; h < NG; ++h) out[h] = _mm512_reduce_add_ps(a[h]);
+        return;
+    }
+#endif
+#if defined(SPARQ_SIMD_AVX2)
+    __m256 a[NG];
+    for (int h = 0; h < NG; ++h) a[h] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < D; j += 8) {
+        const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (kr + j)));
+        for (int h = 0; h < NG; ++h) a[h] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + h*D + j), a[h]);
+    }
+    for (int h = 0; h < NG; ++h) out[h] = hsum(a[h]);
+#else
+    float32x4_t a[NG];
+    for (int h = 0; h < NG; ++h) a[h] = vdupq_n_f32(0.0f);
+    for (int64_t j = 0; j < D; j += 8) {
+        const float16x8_t hk = vld1q_f16(f16p(kr + j));
+        const float32x4_t lo = vcvt_f32_f16(vget_low_f16(hk)), hi = vcvt_high_f32_f16(hk);
+        for (int h = 0; h < NG; ++h) {
+            a[h] = vfmaq_f32(a[h], lo, vld1q_f32(q + h*D + j));
+            a[h] = vfmaq_f32(a[h], hi, vld1q_f32(q + h*D + j + 4));
+        }
+    }
+    for (int h = 0; h < NG; ++h) out[h] = vaddvq_f32(a[h]);
+#endif
+}
+
+// dots of one f16 K row with the G f32 queries of a group (q: G rows of D), D a multiple of 8
 inline void dot_group_f16(const ggml_fp16_t * kr, const float * q, int64_t D, int64_t G, float * out) {
     for (int64_t h0 = 0; h0 < G; h0 += 4) {
-        const int64_t ng = std::min<int64_t>(4, G - h0);
-        const float * q0 = q + h0*D;
-#if defined(SPARQ_SIMD_AVX2)
-        __m256 a[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
-        for (int64_t j = 0; j < D; j += 8) {
-            const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (kr + j)));
-            for (int64_t h = 0; h < ng; ++h) a[h] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q0 + h*D + j), a[h]);
+        switch (std::min<int64_t>(4, G - h0)) {
+            case 1:  dot_heads_f16<1>(kr, q + h0*D, D, out + h0); break;
+            case 2:  dot_heads_f16<2>(kr, q + h0*D, D, out + h0); break;
+            case 3:  dot_heads_f16<3>(kr, q + h0*D, D, out + h0); break;
+            default: dot_heads_f16<4>(kr, q + h0*D, D, out + h0); break;
         }
-        for (int64_t h = 0; h < ng; ++h) out[h0 + h] = hsum(a[h]);
-#else
-        float32x4_t a[4] = { vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f) };
-        for (int64_t j = 0; j < D; j += 8) {
-            const float16x8_t hk = vld1q_f16(f16p(kr + j));
-            const float32x4_t lo = vcvt_f32_f16(vget_low_f16(hk)), hi = vcvt_high_f32_f16(hk);
-            for (int64_t h = 0; h < ng; ++h) {
-                a[h] = vfmaq_f32(a[h], lo, vld1q_f32(q0 + h*D + j));
-                a[h] = vfmaq_f32(a[h], hi, vld1q_f32(q0 + h*D + j + 4));
-            }
-        }
-        for (int64_t h = 0; h < ng; ++h) out[h0 + h] = vaddvq_f32(a[h]);
-#endif
     }
 }
 
@@ -416,6 +495,82 @@ inline void mad_group_f16(const ggml_fp16_t * v, int64_t Dv, int64_t G, const fl
         }
 #endif
     }
+}
+
+// Step 5's weighted sum over n gathered f16 V rows (row rows[i] at vbase + rows[i]*vstride, Dv
+// values, a multiple of 16) for the G heads of a group: acc[hh*acc_stride + j] += sum over i of
+// w[hh*w_stride + i] * V[rows[i]][j]. The sums stay in registers: a block of up to 4 heads by
+// NJ vectors of values per sweep over the rows (per sum, the same order of operations as one row
+// at a time). Returns false where it has no path (then the caller goes one row at a time).
+#if defined(__AVX512F__)
+template <int NG, int NJ>
+inline void mad_rows_blk(const char * vbase, size_t vstride, const int32_t * rows, int64_t n, int64_t j0,
+                         const float * w, int64_t w_stride, float * acc, size_t acc_stride) {
+    __m512 a[NG][NJ];
+    for (int h = 0; h < NG; ++h) for (int u = 0; u < NJ; ++u) a[h][u] = _mm512_loadu_ps(acc + h*acc_stride + j0 + 16*u);
+    for (int64_t i = 0; i < n; ++i) {
+        const ggml_fp16_t * vr = (const ggml_fp16_t *) (vbase + rows[i]*vstride) + j0;
+        __m512 x[NJ];
+        for (int u = 0; u < NJ; ++u) x[u] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (vr + 16*u)));
+        for (int h = 0; h < NG; ++h) {
+            const __m512 wb = _mm512_set1_ps(w[h*w_stride + i]);
+            for (int u = 0; u < NJ; ++u) a[h][u] = _mm512_fmadd_ps(x[u], wb, a[h][u]);
+        }
+    }
+    for (int h = 0; h < NG; ++h) for (int u = 0; u < NJ; ++u) _mm512_storeu_ps(acc + h*acc_stride + j0 + 16*u, a[h][u]);
+}
+constexpr int SPARQ_MAD_NJ = 4;   // 64 values a sweep
+#elif defined(SPARQ_SIMD_AVX2)
+template <int NG, int NJ>
+inline void mad_rows_blk(const char * vbase, size_t vstride, const int32_t * rows, int64_t n, int64_t j0,
+                         const float * w, int64_t w_stride, float * acc, size_t acc_stride) {
+    __m256 a[NG][2*NJ];
+    for (int h = 0; h < NG; ++h) for (int u = 0; u < 2*NJ; ++u) a[h][u] = _mm256_loadu_ps(acc + h*acc_stride + j0 + 8*u);
+    for (int64_t i = 0; i < n; ++i) {
+        const ggml_fp16_t * vr = (const ggml_fp16_t *) (vbase + rows[i]*vstride) + j0;
+        __m256 x[2*NJ];
+        for (int u = 0; u < 2*NJ; ++u) x[u] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (vr + 8*u)));
+        for (int h = 0; h < NG; ++h) {
+            const __m256 wb = _mm256_set1_ps(w[h*w_stride + i]);
+            for (int u = 0; u < 2*NJ; ++u) a[h][u] = _mm256_fmadd_ps(x[u], wb, a[h][u]);
+        }
+    }
+    for (int h = 0; h < NG; ++h) for (int u = 0; u < 2*NJ; ++u) _mm256_storeu_ps(acc + h*acc_stride + j0 + 8*u, a[h][u]);
+}
+constexpr int SPARQ_MAD_NJ = 1;   // 16 values a sweep
+#endif
+
+inline bool mad_rows_f16(const char * vbase, size_t vstride, const int32_t * rows, int64_t n, int64_t Dv, int64_t G,
+                         const float * w, int64_t w_stride, float * acc, size_t acc_stride) {
+#if defined(__AVX512F__) || defined(SPARQ_SIMD_AVX2)
+    if (Dv % 16 != 0) return false;
+    for (int64_t h0 = 0; h0 < G; h0 += 4) {
+        const int ng = (int) std::min<int64_t>(4, G - h0);
+        const float * wh = w + h0*w_stride;
+        float * ah = acc + h0*acc_stride;
+        int64_t j0 = 0;
+        for (; j0 + 16*SPARQ_MAD_NJ <= Dv; j0 += 16*SPARQ_MAD_NJ) {
+            switch (ng) {
+                case 1:  mad_rows_blk<1, SPARQ_MAD_NJ>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
+                case 2:  mad_rows_blk<2, SPARQ_MAD_NJ>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
+                case 3:  mad_rows_blk<3, SPARQ_MAD_NJ>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
+                default: mad_rows_blk<4, SPARQ_MAD_NJ>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
+            }
+        }
+        for (; j0 < Dv; j0 += 16) {
+            switch (ng) {
+                case 1:  mad_rows_blk<1, 1>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
+                case 2:  mad_rows_blk<2, 1>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
+                case 3:  mad_rows_blk<3, 1>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
+                default: mad_rows_blk<4, 1>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
+            }
+        }
+    }
+    return true;
+#else
+    (void) vbase; (void) vstride; (void) rows; (void) n; (void) Dv; (void) G; (void) w; (void) w_stride; (void) acc; (void) acc_stride;
+    return false;
+#endif
 }
 
 // the same for a Q8_0 V row (Dv a multiple of 32): each 8 values are scaled once, for all heads

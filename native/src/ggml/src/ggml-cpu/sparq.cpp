@@ -6,7 +6,7 @@
 //                     window, i1, tau; items with k >= visible take every visible row (dense)
 //                     and skip steps 2-3
 //   approx_logits     step 2, positions split across threads: approximate logits from r rows of
-//                     K^T (AVX2 or NEON: in registers, f16 converted on the fly), per-thread max per head
+//                     K^T (AVX-512, AVX2 or NEON: in registers, f16 converted on the fly), per-thread max per head
 //   approx_scores     step 2, positions split: s_hat's numerators exp(L - max) in place of the
 //                     logits (the only exponentials of steps 2-4), per-thread denominators; one
 //                     head per group: the group's scores and their histogram
@@ -38,7 +38,6 @@ using namespace ggml_sparq;
 namespace {
 
 constexpr int64_t SPARQ_BLK   = 256;  // positions per block in step 2
-constexpr int     SPARQ_HBITS = 12;   // radix-select histogram: at most the top 12 bits of the score
 constexpr int64_t SPARQ_PF    = 8;    // rows prefetched ahead in the gather of step 5
 
 inline void prefetch_row(const char * p, size_t bytes) {
@@ -235,7 +234,7 @@ struct sparq_run {
         }
     }
 
-    // Step 2, logits: positions split across threads; from r rows of K^T (AVX2 or NEON: accumulators in
+    // Step 2, logits: positions split across threads; from r rows of K^T (AVX-512, AVX2 or NEON: accumulators in
     // registers, f16 converted on the fly), scaled by tau and masked; their max per head.
     void approx_logits() {
         for (int64_t it = 0; it < I; ++it) {
@@ -442,8 +441,9 @@ struct sparq_run {
             for (int64_t i = 0; i < na; ++i) {
                 const int64_t p = rows[i];
                 const char * krow = kbase + p*k->nb[1];
-                if (i + SPARQ_PF < na) {  // the rows are scattered: keep several loads in flight
+                if (i + SPARQ_PF < na) {  // the rows are scattered: keep several loads in flight (V's for pass 3)
                     prefetch_row(kbase + rows[i + SPARQ_PF]*k->nb[1], krow_bytes);
+                    prefetch_row(vbase + rows[i + SPARQ_PF]*v->nb[1], vrow_bytes);
                 }
                 const float mv = mask_at(mask, mrow, p);
                 float dots[GGML_SPARQ_MAX_GROUP];
@@ -470,7 +470,7 @@ struct sparq_run {
                 ph[0] = mx;
                 ph[1] = na > 0 ? (float) ggml_vec_soft_max_f32((int) na, sc + hh*na, sc + hh*na, mx) : 0.0f;
                 float al = 0.0f;
-                if (!inf.dense && na > 0) {
+                if (realloc && !inf.dense && na > 0) {  // alpha mixes in the mean of V only with reallocation
                     // s_hat's numerators (approx_scores) at this thread's selected rows
                     double e = 0;
                     for (int64_t i = 0; i < na; ++i) e += L[hh*S + rows[i]];
@@ -480,6 +480,9 @@ struct sparq_run {
                 memset(ph + 3, 0, d.Dv*sizeof(float));
             }
             // pass 3: the weighted sum of this thread's V rows
+            if (v_f16 && mad_rows_f16(vbase, v->nb[1], rows, na, d.Dv, G, sc, na, P + 3, o.part_stride)) {
+                continue;
+            }
             for (int64_t i = 0; i < na; ++i) {
                 const int64_t p = rows[i];
                 const char * vsrc = vbase + p*v->nb[1];
