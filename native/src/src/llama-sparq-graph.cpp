@@ -40,7 +40,7 @@ public:
     ggml_tensor * vis_rank = nullptr;    // F32 [n_kv, n_tokens]
     std::map<std::pair<int64_t, int32_t>, ggml_tensor *> bias;  // (stream, l): mask + window bonus
 
-    struct layer_info { int64_t n_head_kv, d, r, k, type_size; };
+    struct layer_info { int64_t n_head_kv, r, k; llama_sparq_bytes bytes; double vmean_bytes; };
     std::vector<layer_info> layers;      // SparQ layers of this graph, for the read estimate
 };
 
@@ -195,8 +195,8 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
             const int64_t S = n_vis[i] > 0 ? n_vis[i] : std::min<int64_t>((int64_t) ubatch->pos[i] + 1, n_kv);
             for (const auto & li : layers) {
                 const int64_t kk = std::min<int64_t>(li.k, S);
-                st->stats.bytes_attn_sparq += (double) li.n_head_kv*li.type_size*(S*li.r + 2*kk*li.d);
-                st->stats.bytes_attn_dense += (double) li.n_head_kv*li.type_size*(2*S*li.d);
+                st->stats.bytes_attn_sparq += li.n_head_kv*(S*li.r*li.bytes.mirror_elem + kk*li.bytes.kv_row + li.vmean_bytes);
+                st->stats.bytes_attn_dense += li.n_head_kv*(S*li.bytes.kv_row);
             }
         }
     } else {
@@ -286,8 +286,9 @@ ggml_tensor * llama_sparq_build_attn(
         vmean = ggml_reshape_4d(ctx0, vmean, v_cur->ne[0], n_head_kv, n_tokens/ns, ns);
     }
 
+    const llama_sparq_bytes bytes = llama_sparq_layer_bytes(k->type, v->type, d, v->ne[0]);
     const llama_sparq_layer_cfg cfg = llama_sparq_resolve(st.params, d, inp->n_kv);
-    inp->layers.push_back({ n_head_kv, d, cfg.r, cfg.k, (int64_t) ts });
+    inp->layers.push_back({ n_head_kv, cfg.r, cfg.k, bytes, st.realloc ? v->ne[0]*sizeof(float) : 0.0 });
 
     if (!st.ops[ikv]) {
         ggml_tensor * cur = ggml_sparq_attn(ctx0, q4, k4, kt4, v4, vmean, kq_mask, kq_scale, cfg.r, cfg.k, cfg.l, flags);

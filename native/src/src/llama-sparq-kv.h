@@ -57,6 +57,16 @@ struct llama_sparq_layer_cfg {
 
 llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv);
 
+// What one position costs to read, per KV head, for sparq_stats(): one K^T mirror element, and
+// the position's K row and V row together (quantization scales included). Dense attention reads
+// kv_row for every position; SparQ r*mirror_elem for every position and kv_row for k of them.
+struct llama_sparq_bytes {
+    double mirror_elem;
+    double kv_row;
+};
+
+llama_sparq_bytes llama_sparq_layer_bytes(ggml_type type_k, ggml_type type_v, int64_t d, int64_t dv);
+
 // The K^T mirror's type: F32 for an F32 cache, F16 otherwise (a quantized K's mirror cannot be
 // written one element at a time, and step 2 only needs approximate scores).
 ggml_type llama_sparq_mirror_type(ggml_type type_k);

@@ -58,6 +58,11 @@ llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t 
     return c;
 }
 
+llama_sparq_bytes llama_sparq_layer_bytes(ggml_type type_k, ggml_type type_v, int64_t d, int64_t dv) {
+    return { (double) ggml_type_size(llama_sparq_mirror_type(type_k)),
+             (double) (ggml_row_size(type_k, d) + ggml_row_size(type_v, dv)) };
+}
+
 // the caches of a context that can take SparQ (the full-attention one), and the layer count
 static llama_kv_cache * sparq_cache(const llama_context * ctx, int32_t * n_layers) {
     llama_memory_i * mem = ctx->get_memory();
