@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher-forcing contexts (default 2048,4096,8192; +16384 on gemma3-270m)")
     e.add_argument("--needle-contexts", default=None,
                    help="needle and repetition contexts (default 2048,4096,8192)")
-    e.add_argument("-n", "--n-tokens", type=int, default=128, help="teacher-forced tokens per context")
+    e.add_argument("-n", "--n-tokens", type=int, default=256, help="teacher-forced tokens per context")
     e.add_argument("-t", "--threads", type=int, default=2)
     e.add_argument("--parts", default="tf,needle,repeat", help="which evaluations: tf,needle,repeat")
     e.add_argument("-o", "--output", default=None, help="output prefix for .json and .png (default results/eval_<models>)")

@@ -52,7 +52,13 @@ def settings(head_dim: int, context: int, compressions=COMPRESSIONS) -> List[dic
             dict(label="1/8 reallocation off", group="ablation", c=c, kw=dict(compression=c, realloc=False)),
             dict(label="1/8 r=d/16 (larger k)", group="ablation", c=c, kw=dict(compression=c, r=max(1, head_dim // 16))),
             dict(label="1/8 r=3d/16 (smaller k)", group="ablation", c=c,
-                 kw=dict(compression=c, r=max(1, 3 * head_dim // 16)))]
+                 kw=dict(compression=c, r=max(1, 3 * head_dim // 16))),
+            dict(label="1/8 no tau, r=d/16", group="ablation", c=c,
+                 kw=dict(compression=c, no_tau=True, r=max(1, head_dim // 16)))]
+    # the local window's share of k (default k/4); k as the planner sets it for this context
+    k8 = (c - max(1, round(c * head_dim)) / (2 * head_dim)) * context
+    out += [dict(label=f"1/8 l=k/{f}", group="ablation", c=c, kw=dict(compression=c, l=max(1, round(k8 / f))))
+            for f in (8, 2)]
     for c in compressions:
         k = max(1, round(c * context))
         out.append(dict(label=f"window {_label(c)} (k={k})", group="window", c=c, kw=dict(k=k, l=k, realloc=False)))
