@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sparq_cpp import eval as ev
 
-KEEP = ("1/4", "1/8", "1/8 no tau (sqrt(d))", "1/8 r=d/16 (larger k)", "1/8 no tau, r=d/16", "1/8 l=k/8", "1/8 l=k/2")
+KEEP = ("1/4", "1/8", "1/8 no tau (sqrt(d))", "1/8 r=d/8 (half to each step)", "1/8 r=d/16 (larger k)", "1/8 no tau, r=d/16", "1/8 l=k/8", "1/8 l=k/2")
 
 
 def main() -> None:
@@ -25,10 +25,12 @@ def main() -> None:
     ap.add_argument("-c", "--contexts", default="2048,4096")
     ap.add_argument("-n", "--n-tokens", type=int, default=256)
     ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-s", "--settings", help="the settings to run, by label, '|'-separated (default: all of KEEP)")
     ap.add_argument("-o", "--output", default="results/eval_ablation")
     args = ap.parse_args()
+    keep = args.settings.split("|") if args.settings else KEEP
     full = ev.settings
-    ev.settings = lambda head_dim, context, *a: [s for s in full(head_dim, context, *a) if s["label"] in KEEP]
+    ev.settings = lambda head_dim, context, *a: [s for s in full(head_dim, context, *a) if s["label"] in keep]
     ctxs = [int(c) for c in args.contexts.split(",")]
     rows = []
     for name in args.model.split(","):

@@ -50,6 +50,7 @@ def settings(head_dim: int, context: int, compressions=COMPRESSIONS) -> List[dic
             dict(label="1/8 no local window (l=0)", group="ablation", c=c, kw=dict(compression=c, l=0)),
             dict(label="1/8 reallocation on", group="ablation", c=c, kw=dict(compression=c, realloc=True)),
             dict(label="1/8 reallocation off", group="ablation", c=c, kw=dict(compression=c, realloc=False)),
+            dict(label="1/8 r=d/8 (half to each step)", group="ablation", c=c, kw=dict(compression=c, r=max(1, head_dim // 8))),
             dict(label="1/8 r=d/16 (larger k)", group="ablation", c=c, kw=dict(compression=c, r=max(1, head_dim // 16))),
             dict(label="1/8 r=3d/16 (smaller k)", group="ablation", c=c,
                  kw=dict(compression=c, r=max(1, 3 * head_dim // 16))),
