@@ -53,9 +53,8 @@ class SparqParams:
     Give either ``k`` (positions read exactly per query) or ``compression`` (target fraction of
     dense attention's K/V reads, which picks r and k from the head size and the context length).
     ``None`` means the default: r from the head size (k given: head size/8; compression c: c*head
-    size, half of the budget, or c*head size/2 on Gemma 3, by measurement), l = k/4, reallocation
-    per model family (on for multi-head, off for grouped-query models, as the paper found), min_ctx
-    512 (measured: SparQ 1/8 is already faster than dense there), all layers.
+    size), l = k/4, reallocation per model family (on for multi-head, off for grouped-query
+    models, as the paper found), min_ctx 512 (measured: SparQ 1/8 is already faster than dense there), all layers.
     """
 
     k: Optional[int] = _arg("positions read exactly per generated token (instead of compression)")

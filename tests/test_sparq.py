@@ -125,10 +125,9 @@ def _agreement_and_ppl_ratio(dense, sparq, cont):
 
 
 # measured at 1/8 (2000-token prompt, 256 teacher-forced tokens), AVX-512 / AVX2-only build:
-# smollm2-135m agreement 0.887 / 0.891, perplexity ratio 1.037 / 1.045; gemma3-270m, with its
-# family's default r = d/16, 0.844 / 0.875 and 1.093 / 1.065 (with r = d/8 before: 0.848 / 0.863
-# and 1.070 / 1.088; an earlier AVX2 CPU: 0.895, 1.038; 0.863, 1.090). Asserted with a margin of
-# at least 0.024 in agreement and 0.025 in the ratio on both. The fused op and the portable
+# smollm2-135m agreement 0.887 / 0.891, perplexity ratio 1.037 / 1.045; gemma3-270m 0.848 / 0.863
+# and 1.070 / 1.088 (an earlier AVX2 CPU: 0.895, 1.038; 0.863, 1.090). Asserted with a margin of
+# at least 0.028 in agreement and 0.025 in the ratio on both. The fused op and the portable
 # graph differ here by their rounding alone, and that moves gemma3's ratio by up to 0.03 (a
 # near tie chosen differently changes the cache of every later token).
 LEVELS_1_8 = {"smollm2-135m": (0.85, 1.07), "gemma3-270m": (0.82, 1.12)}

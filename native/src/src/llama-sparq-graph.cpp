@@ -287,7 +287,7 @@ ggml_tensor * llama_sparq_build_attn(
     }
 
     const llama_sparq_bytes bytes = llama_sparq_layer_bytes(k->type, v->type, d, v->ne[0]);
-    const llama_sparq_layer_cfg cfg = llama_sparq_resolve(st.params, d, inp->n_kv, st.r_share);
+    const llama_sparq_layer_cfg cfg = llama_sparq_resolve(st.params, d, inp->n_kv);
     inp->layers.push_back({ n_head_kv, cfg.r, cfg.k, bytes, st.realloc ? v->ne[0]*sizeof(float) : 0.0 });
 
     if (!st.ops[ikv]) {

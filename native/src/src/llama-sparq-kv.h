@@ -55,13 +55,7 @@ struct llama_sparq_layer_cfg {
     int32_t l;
 };
 
-// r_share: the part of a compression that goes to step 2's reads (the rest to step 5's rows),
-// by model family when the user gives no r (llama_sparq_r_share)
-llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv, double r_share);
-
-// the default r_share of a model family, from the ablations at 1/8 (docs/results.md): 1/4 for
-// Gemma 3 (r = d/16, the rest to more rows), 1/2 elsewhere (r = c*d)
-double llama_sparq_r_share(const llama_model & model);
+llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv);
 
 // What one position costs to read, per KV head, for sparq_stats(): one K^T mirror element, and
 // the position's K row and V row together (quantization scales included). Dense attention reads
@@ -81,7 +75,6 @@ struct llama_sparq_kv {
     bool enabled = false;
     llama_sparq_params params = {};  // as given by the user
     bool     realloc = false;        // mean reallocation, resolved
-    double   r_share = 0.5;          // the compression's part for step 2, resolved (llama_sparq_r_share)
     int32_t  min_ctx = 0;            // resolved
     uint32_t generation = 0;         // bumped on every change: graphs built before are not reused
 

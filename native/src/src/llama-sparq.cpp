@@ -37,21 +37,16 @@ const char * llama_sparq_version(void) {
 // settings
 //
 
-double llama_sparq_r_share(const llama_model & model) {
-    return model.arch == LLM_ARCH_GEMMA3 ? 0.25 : 0.5;
-}
-
 // r, k and l of a layer with head size d, for a cache of n_kv positions
-llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv, double r_share) {
+llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv) {
     llama_sparq_layer_cfg c;
     if (p.r > 0) {
         c.r = (int32_t) std::min<int64_t>(p.r, d);
     } else if (p.k > 0) {
         c.r = (int32_t) std::max<int64_t>(1, d/8);
     } else {
-        // r_share of the budget to step 2 (r/(2d) = r_share*c), the rest to the exact step (k/S);
-        // r_share = 1/2: r = c*d
-        c.r = (int32_t) std::clamp<int64_t>(std::lround(2.0*r_share*p.compression*d), 1, d);
+        // half of the budget to step 2 (r/(2d) = c/2), half to the exact step (k/S = c/2)
+        c.r = (int32_t) std::clamp<int64_t>(std::lround(p.compression*d), 1, d);
     }
     if (p.k > 0) {
         c.k = p.k;
@@ -155,7 +150,7 @@ static bool layer_has_fused_op(const llama_kv_cache & kv, size_t ikv) {
     return ggml_backend_dev_supports_op(layer_device(kv, ikv), op);
 }
 
-static int32_t sparq_validate(const llama_sparq_params & p, const llama_kv_cache * kv, double r_share) {
+static int32_t sparq_validate(const llama_sparq_params & p, const llama_kv_cache * kv) {
     if (p.k < 0) {
         return LLAMA_SPARQ_ERR_K;
     }
@@ -199,7 +194,7 @@ static int32_t sparq_validate(const llama_sparq_params & p, const llama_kv_cache
                 return LLAMA_SPARQ_ERR_R;
             }
             if (p.k == 0) {
-                const int64_t r = llama_sparq_resolve(p, d, 1, r_share).r;
+                const int64_t r = llama_sparq_resolve(p, d, 1).r;
                 if (p.compression - r/(2.0*d) <= 0.0) {
                     return LLAMA_SPARQ_ERR_COMPRESSION;
                 }
@@ -301,8 +296,7 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
         return LLAMA_SPARQ_OK;
     }
 
-    const double r_share = llama_sparq_r_share(ctx->get_model());
-    const int32_t err = sparq_validate(*params, kv, r_share);
+    const int32_t err = sparq_validate(*params, kv);
     if (err != LLAMA_SPARQ_OK) {
         LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_sparq_strerror(err));
         return err;
@@ -384,15 +378,14 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
 
     st.params   = *params;
     st.realloc  = realloc;
-    st.r_share  = r_share;
     st.min_ctx  = params->min_ctx == -1 ? SPARQ_DEFAULT_MIN_CTX : params->min_ctx;
     st.enabled  = true;
     st.generation++;
     ctx->sparq_need_reserve();
 
-    LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers, %d of them through the portable graph (%s %g, r %d, l %d, step 2's share %g, reallocation %s, from n_kv %d)%s%s\n",
+    LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers, %d of them through the portable graph (%s %g, r %d, l %d, reallocation %s, from n_kv %d)%s%s\n",
             __func__, st.n_eligible, n_layers_all, st.n_ops, params->k > 0 ? "k" : "compression",
-            params->k > 0 ? (double) params->k : (double) params->compression, params->r, params->l, r_share,
+            params->k > 0 ? (double) params->k : (double) params->compression, params->r, params->l,
             realloc ? "on" : "off", st.min_ctx, why_not ? "; others dense: " : "", why_not ? why_not : "");
     return LLAMA_SPARQ_OK;
 }
