@@ -45,7 +45,7 @@ def test_rpc_unreachable_server_raises_before_loading():
 
 
 def test_rpc_server_lost_mid_decode_raises():
-    # the server is killed a third of the way into a 512-token batch that runs on it: that eval
+    # the server is killed a fifth of the way into a 512-token batch that runs on it: that eval
     # raises RpcServerLost (a ConnectionError and a RuntimeError), so does the next one, at once,
     # and the model closes; upstream's ggml-rpc aborts the process here. Measured: the batch takes
     # 3.3 s on the 1-thread server, the error comes 1.1 s after the batch began, the next eval

@@ -1,8 +1,8 @@
 // sparq-cpp: the inner loops of the CPU kernel (sparq.cpp), each with its x86 path (AVX2, F16C,
 // FMA; AVX-512 where the build has it and it measured faster), its ARM path (AArch64 NEON) and a
-// plain one: the mask scan, the selection's compare
-// passes, step 2's approximate logits, the dot products of a K row with a group's queries, and
-// the accumulation of a V row into a group's sums. Both vector paths compute in fp32 (f16 and
+// plain one: the mask scan, the selection's histogram and compare passes, step 2's approximate
+// logits, the dot products of a K row with a group's queries, and the accumulation of V rows
+// into a group's sums. Both vector paths compute in fp32 (f16 and
 // q8_0 values converted on the fly), in the same order of operations where it matters for the
 // selection (the logits are one fused multiply-add of the accumulated dot and tau's scale onto
 // the mask), so they select what the plain path and the reference select.

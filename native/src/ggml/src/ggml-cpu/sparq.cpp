@@ -479,10 +479,13 @@ struct sparq_run {
                 ph[2] = al;
                 memset(ph + 3, 0, d.Dv*sizeof(float));
             }
-            // pass 3: the weighted sum of this thread's V rows
+            // pass 3: the weighted sum of this thread's V rows (the sums in registers where it can,
+            // else one row at a time)
+#if defined(SPARQ_SIMD)
             if (v_f16 && mad_rows_f16(vbase, v->nb[1], rows, na, d.Dv, G, sc, na, P + 3, o.part_stride)) {
                 continue;
             }
+#endif
             for (int64_t i = 0; i < na; ++i) {
                 const int64_t p = rows[i];
                 const char * vsrc = vbase + p*v->nb[1];
