@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sparq_cpp import eval as ev
 
-KEEP = ("1/4", "1/8", "1/8 no tau (sqrt(d))", "1/8 r=d/8 (half to each step)", "1/8 r=d/16 (larger k)", "1/8 no tau, r=d/16", "1/8 l=k/8", "1/8 l=k/2")
+KEEP = ("1/4", "1/8", "1/8 no tau (sqrt(d))", "1/8 r=d/16 (larger k)", "1/8 no tau, r=d/16", "1/8 l=k/8", "1/8 l=k/2")
 
 
 def main() -> None:
@@ -28,13 +28,11 @@ def main() -> None:
     ap.add_argument("-s", "--settings", help="the settings to run, by label, '|'-separated (default: all of KEEP)")
     ap.add_argument("-o", "--output", default="results/eval_ablation")
     args = ap.parse_args()
-    keep = args.settings.split("|") if args.settings else KEEP
-    full = ev.settings
-    ev.settings = lambda head_dim, context, *a: [s for s in full(head_dim, context, *a) if s["label"] in keep]
+    keep = args.settings.split("|") if args.settings else list(KEEP)
     ctxs = [int(c) for c in args.contexts.split(",")]
     rows = []
     for name in args.model.split(","):
-        res = ev.run([name], {name: ctxs}, {name: []}, args.n_tokens, args.threads, None, parts=("tf",))
+        res = ev.run([name], {name: ctxs}, {name: []}, args.n_tokens, args.threads, None, parts=("tf",), labels=keep)
         rows += res["tf"]
         out = {**{k: v for k, v in res.items() if k != "tf"}, "tf": rows}
         Path(args.output).with_suffix(".json").write_text(json.dumps(out, indent=1))

@@ -50,7 +50,6 @@ def settings(head_dim: int, context: int, compressions=COMPRESSIONS) -> List[dic
             dict(label="1/8 no local window (l=0)", group="ablation", c=c, kw=dict(compression=c, l=0)),
             dict(label="1/8 reallocation on", group="ablation", c=c, kw=dict(compression=c, realloc=True)),
             dict(label="1/8 reallocation off", group="ablation", c=c, kw=dict(compression=c, realloc=False)),
-            dict(label="1/8 r=d/8 (half to each step)", group="ablation", c=c, kw=dict(compression=c, r=max(1, head_dim // 8))),
             dict(label="1/8 r=d/16 (larger k)", group="ablation", c=c, kw=dict(compression=c, r=max(1, head_dim // 16))),
             dict(label="1/8 r=3d/16 (smaller k)", group="ablation", c=c,
                  kw=dict(compression=c, r=max(1, 3 * head_dim // 16))),
@@ -139,7 +138,9 @@ def _essay_tokens(llm) -> List[int]:
 
 def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict[str, List[int]],
         n_tokens: int, threads: int, out: Optional[str], parts=("tf", "needle", "repeat"),
-        progress: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16") -> dict:
+        progress: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16",
+        labels: Optional[List[str]] = None) -> dict:
+    """labels: the teacher-forcing settings to run, by label (default: all of settings())."""
     from tqdm import tqdm
 
     from .sparq import SparqParams
@@ -157,7 +158,10 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
             raise ValueError(f"the essays give {len(toks)} tokens, fewer than {n_ctx}")
 
         # teacher forcing
-        n_tf = sum(len(settings(m.head_dim, c)) + 1 for c in ctxs)
+        def tf_settings(C: int) -> List[dict]:
+            return [s for s in settings(m.head_dim, C) if labels is None or s["label"] in labels]
+
+        n_tf = sum(len(tf_settings(c)) + 1 for c in ctxs)
         bar = tqdm(total=n_tf, desc=f"eval {name}: teacher forcing", file=sys.stderr, disable=not progress or not n_tf)
         for C in ctxs:
             prefix, cont = bos + toks[:C - len(bos)], toks[C - len(bos):C - len(bos) + n_tokens]
@@ -166,7 +170,7 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
             m.prefill(prefix)
             dense = m.feed(C, cont)
             bar.update(1)
-            for s in settings(m.head_dim, C):
+            for s in tf_settings(C):
                 bar.set_postfix_str(f"context {C}: {s['label']}")
                 m.llm.set_sparq(SparqParams(**s["kw"]))
                 m.llm.sparq_stats(reset=True)

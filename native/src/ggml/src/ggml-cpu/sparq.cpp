@@ -486,12 +486,9 @@ struct sparq_run {
                 continue;
             }
 #endif
-            for (int64_t i = 0; i < na; ++i) {
+            for (int64_t i = 0; i < na; ++i) {  // (pass 1 prefetched these rows)
                 const int64_t p = rows[i];
                 const char * vsrc = vbase + p*v->nb[1];
-                if (i + SPARQ_PF < na) {
-                    prefetch_row(vbase + rows[i + SPARQ_PF]*v->nb[1], vrow_bytes);
-                }
 #if defined(SPARQ_SIMD)
                 if (v_f16 && d.Dv % 8 == 0) {  // each 8 values converted once, for all heads of the group
                     mad_group_f16((const ggml_fp16_t *) vsrc, d.Dv, G, sc + i, na, P + 3, o.part_stride);
