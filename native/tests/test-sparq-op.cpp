@@ -30,6 +30,7 @@ struct Case {
     int D = 64, G = 3, Hkv = 2, nb = 1, S = 300;
     int r = 8, k = 32, l = 8;
     bool realloc = true, no_tau = false;
+    bool kt_i8 = false;  // K^T as the fused op's I8 (ggml_sparq_quantize_kt), else K's type
     ggml_type tkv = GGML_TYPE_F16, tmask = GGML_TYPE_F16;
     int threads = 2;
     float qmag = 1.0f, kmag = 1.0f;
@@ -40,7 +41,20 @@ struct Data {
     // host copies, in the kernel's layouts: q[b][h][D], K[g][S][D], V[g][S][D], mask[b][S], vmean[b][g][D]
     std::vector<float> q, K, V, mask, vmean;
     std::vector<float> KT;  // poison test only: the K^T values, indexed like K ([g][p][j])
+    std::vector<float> KQ;  // I8 K^T: the values step 2 sees, indexed like K (empty: K's own)
 };
+
+// K through the I8 K^T and back: what step 2 sees
+std::vector<float> round_kt_i8(const std::vector<float> & K, int D) {
+    std::vector<float> out(K.size());
+    std::vector<int8_t> qv(D);
+    for (size_t row = 0; row < K.size()/D; ++row) {
+        int8_t e;
+        ggml_sparq_quantize_kt(&K[row*D], D, qv.data(), 1, &e);
+        for (int j = 0; j < D; ++j) out[row*D + j] = std::ldexp((float) qv[j], e);
+    }
+    return out;
+}
 
 float round_f16(float x) { return ggml_fp16_to_fp32(ggml_fp32_to_fp16(x)); }
 
@@ -51,6 +65,7 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
     const int D = c.D, S = c.S, G = c.G;
     auto q = [&](int h, int j) { return (double) d.q[((size_t) b*c.G*c.Hkv + h)*D + j]; };
     auto K = [&](int p, int j) { return (double) d.K[((size_t) g*S + p)*D + j]; };
+    auto KS = [&](int p, int j) { return d.KQ.empty() ? K(p, j) : (double) d.KQ[((size_t) g*S + p)*D + j]; };  // step 2's
     auto V = [&](int p, int j) { return (double) d.V[((size_t) g*S + p)*D + j]; };
     auto M = [&](int p) { return (double) d.mask[(size_t) b*S + p]; };
     const double scale = 1.0 / std::sqrt((double) D);
@@ -79,7 +94,7 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
             double mx = -INFINITY;
             for (int p : vis) {
                 double dot = 0;
-                for (int j : i1) dot += q(h, j) * K(p, j);
+                for (int j : i1) dot += q(h, j) * KS(p, j);
                 // scale = 1/sqrt(D): dot*scale*sqrt(D)/tau = dot/tau
                 x[p] = dot / tau + M(p);
                 mx = std::max(mx, x[p]);
@@ -211,7 +226,8 @@ std::vector<float> run_op(const Case & c, const Data & d, const Data * poison = 
     ggml_tensor * v0 = ggml_new_tensor_4d(ctx, c.tkv, D, kv_size, c.Hkv, 1);
     // K^T is F16 or F32; with Q8_0 K/V it is F32 (the cache's K^T mirror is F16, but F32 holds the
     // dequantized values exactly, so the reference sees what the op sees)
-    ggml_tensor * kt0 = ggml_new_tensor_4d(ctx, c.tkv == GGML_TYPE_Q8_0 ? GGML_TYPE_F32 : c.tkv, kv_size, D, c.Hkv, 1);
+    ggml_tensor * kt0 = c.kt_i8 ? ggml_new_tensor_4d(ctx, GGML_TYPE_I8, kv_size, D + 1, c.Hkv, 1)
+                                : ggml_new_tensor_4d(ctx, c.tkv == GGML_TYPE_Q8_0 ? GGML_TYPE_F32 : c.tkv, kv_size, D, c.Hkv, 1);
     std::vector<float> kf((size_t) c.Hkv*kv_size*D, 0.0f), vf(kf.size(), 0.0f), ktf(kf.size(), 0.0f);
     for (int g = 0; g < c.Hkv; ++g) for (int p = 0; p < S; ++p) for (int j = 0; j < D; ++j) {
         kf[((size_t) g*kv_size + p)*D + j] = src.K[((size_t) g*S + p)*D + j];
@@ -221,10 +237,19 @@ std::vector<float> run_op(const Case & c, const Data & d, const Data * poison = 
     const std::vector<float> & ktv = (poison && !poison->KT.empty()) ? poison->KT : src.K;
     for (int g = 0; g < c.Hkv; ++g) for (int j = 0; j < D; ++j) for (int p = 0; p < S; ++p)
         ktf[((size_t) g*D + j)*kv_size + p] = ktv[((size_t) g*S + p)*D + j];
-    set_tensor(k0, kf); set_tensor(v0, vf); set_tensor(kt0, ktf);
+    set_tensor(k0, kf); set_tensor(v0, vf);
+    if (c.kt_i8) {  // each position's D components quantized together, its exponent in row D
+        int8_t * t = (int8_t *) kt0->data;
+        for (int g = 0; g < c.Hkv; ++g) for (int p = 0; p < S; ++p) {
+            int8_t * col = t + (size_t) g*(D + 1)*kv_size + p;
+            ggml_sparq_quantize_kt(&ktv[((size_t) g*S + p)*D], D, col, kv_size, col + (size_t) D*kv_size);
+        }
+    } else {
+        set_tensor(kt0, ktf);
+    }
     ggml_tensor * k = ggml_view_4d(ctx, k0, D, S, c.Hkv, 1, k0->nb[1], k0->nb[2], k0->nb[3], 0);
     ggml_tensor * v = ggml_view_4d(ctx, v0, D, S, c.Hkv, 1, v0->nb[1], v0->nb[2], v0->nb[3], 0);
-    ggml_tensor * kt = ggml_view_4d(ctx, kt0, S, D, c.Hkv, 1, kt0->nb[1], kt0->nb[2], kt0->nb[3], 0);
+    ggml_tensor * kt = ggml_view_4d(ctx, kt0, S, kt0->ne[1], c.Hkv, 1, kt0->nb[1], kt0->nb[2], kt0->nb[3], 0);
 
     ggml_tensor * m = ggml_new_tensor_4d(ctx, c.tmask, S, c.nb, 1, 1);
     set_tensor(m, d.mask);
@@ -267,6 +292,7 @@ Data make_data(const Case & c, std::mt19937 & gen, int mask_mode) {
         round_q8_0(d.K, D);
         round_q8_0(d.V, D);
     }
+    if (c.kt_i8) d.KQ = round_kt_i8(d.K, D);
     d.vmean.resize((size_t) c.nb*c.Hkv*D);
     for (float & x : d.vmean) x = nd(gen) * 0.1f;
     d.mask.assign((size_t) c.nb*S, 0.0f);
@@ -316,9 +342,9 @@ void check(const Case & c, const Data & d, const std::vector<float> & got, bool 
         n_pass++;
     } else {
         n_fail++;
-        printf("FAIL %-10s %s: D=%d G=%d Hkv=%d nb=%d S=%d r=%d k=%d l=%d realloc=%d no_tau=%d kv=%s mask=%s threads=%d: "
+        printf("FAIL %-10s %s: D=%d G=%d Hkv=%d nb=%d S=%d r=%d k=%d l=%d realloc=%d no_tau=%d kv=%s kt=%s mask=%s threads=%d: "
                "max rel err %.3g%s\n", tag, c.what.c_str(), c.D, c.G, c.Hkv, c.nb, c.S, c.r, c.k, c.l, c.realloc, c.no_tau,
-               ggml_type_name(c.tkv), ggml_type_name(c.tmask), c.threads, rel, finite ? "" : " (non-finite output)");
+               ggml_type_name(c.tkv), c.kt_i8 ? "i8" : "kv", ggml_type_name(c.tmask), c.threads, rel, finite ? "" : " (non-finite output)");
     }
 }
 
@@ -333,6 +359,7 @@ void run_ties(Case c, std::mt19937 & gen) {
     for (int g = 0; g < c.Hkv; ++g)
         for (int p = 1; p < c.S; p += 2)
             std::copy_n(&d.K[((size_t) g*c.S + p - 1)*c.D], c.D, &d.K[((size_t) g*c.S + p)*c.D]);
+    if (c.kt_i8) d.KQ = round_kt_i8(d.K, c.D);
     for (float & x : d.q) x = x > 0 ? 1.0f : -1.0f;
     check(c, d, run_op(c, d), false, "ties");
 }
@@ -380,6 +407,12 @@ int main() {
         run_case(c, gen);
         c.tmask = GGML_TYPE_F32; c.realloc = false;
         run_case(c, gen, 1);
+        if (tkv != GGML_TYPE_F32) {  // the I8 K^T (the cache's for F16 and Q8_0 K)
+            c.kt_i8 = true; c.realloc = true; c.tmask = GGML_TYPE_F16;
+            run_case(c, gen);
+            c.tmask = GGML_TYPE_F32; c.realloc = false;
+            run_case(c, gen, 1);
+        }
     }
     // adversarial cases
     {
@@ -396,7 +429,13 @@ int main() {
         c.what = "no-tau";   c.qmag = 1.0f; c.kmag = 1.0f; c.no_tau = true; run_case(c, gen);
         c.what = "long";     c.no_tau = false; c.S = 9000; c.k = 600; c.l = 150; c.G = 4; c.Hkv = 1; c.D = 128; c.r = 16;
         for (int t : {1, 2, 3}) { c.threads = t; run_case(c, gen, 1); }
+        c.what = "long-i8"; c.kt_i8 = true;
+        for (int t : {1, 2}) { c.threads = t; run_case(c, gen, 1); }
+        c.what = "large-i8"; c.S = 500; c.k = 32; c.l = 8; c.G = 3; c.Hkv = 2; c.D = 64; c.r = 8; c.qmag = 30.0f; c.kmag = 4.0f; run_case(c, gen);
+        c.what = "small-k-i8"; c.qmag = 1.0f; c.kmag = 1e-30f; run_case(c, gen);
         Case tc; tc.what = "ties"; tc.S = 400; tc.nb = 2;
+        for (int G : {1, 3}) { tc.G = G; run_ties(tc, gen); }
+        tc.what = "ties-i8"; tc.kt_i8 = true;
         for (int G : {1, 3}) { tc.G = G; run_ties(tc, gen); }
     }
     // dense: k >= S, l = 0

@@ -6,6 +6,9 @@
 // of K and V, gathered before the attention (step 5), so the bytes read fall with the budget.
 #include "ggml.h"
 
+#include <algorithm>
+#include <cmath>
+
 struct ggml_tensor * ggml_sparq_window_bias(
         struct ggml_context * ctx,
         struct ggml_tensor  * mask,
@@ -97,4 +100,23 @@ struct ggml_tensor * ggml_sparq_attn_ops(
     }
     y = ggml_cont(ctx, ggml_permute(ctx, y, 0, 1, 3, 2));                            // [Dv, G, Hkv, T]
     return ggml_reshape_2d(ctx, y, Dv*G*Hkv, T);
+}
+
+// The fused op's I8 K^T (ggml.h): one position's components share a power-of-two scale, so a new
+// position is written without touching its neighbours, and dequantizing is exact in f32.
+void ggml_sparq_quantize_kt(const float * x, int64_t d, int8_t * q, size_t stride, int8_t * e) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < d; ++i) {
+        amax = std::max(amax, std::fabs(x[i]));
+    }
+    int ex = -126;
+    if (amax > 0.0f && std::isfinite(amax)) {
+        std::frexp(amax / 127.0f, &ex);  // amax/127 <= 2^ex
+        ex = std::clamp(ex, -126, 127);
+    }
+    const float inv = std::ldexp(1.0f, -ex);
+    for (int64_t i = 0; i < d; ++i) {
+        q[i*stride] = (int8_t) std::clamp(std::nearbyint(x[i]*inv), -127.0f, 127.0f);
+    }
+    *e = (int8_t) ex;
 }

@@ -42,7 +42,11 @@ void attn_ref(const ggml_tensor * dst) {
     };
     // step 2 reads K^T (component j of position p); steps 5-6 read whole K and V rows
     auto ktv = [&](int64_t j, int64_t p, int64_t g, int64_t s) {
-        return load_elem(kt, (const char *) kt->data + p*kt->nb[0] + j*kt->nb[1] + g*kt->nb[2] + s*kt->nb[3]);
+        const char * at = (const char *) kt->data + p*kt->nb[0] + g*kt->nb[2] + s*kt->nb[3];
+        if (kt->type == GGML_TYPE_I8) {  // int8 times 2^e, e in row D
+            return std::ldexp((double) *(const int8_t *) (at + j*kt->nb[1]), *(const int8_t *) (at + d.D*kt->nb[1]));
+        }
+        return load_elem(kt, at + j*kt->nb[1]);
     };
     std::vector<float> krow, vrow;
 

@@ -221,11 +221,11 @@ inline void scan_visible(const ggml_tensor * mask, const char * mrow, int64_t S,
 #if defined(SPARQ_SIMD_AVX2)
 // Step 2 for NG (<= 4) heads of a group over positions [p0, p0 + n), n a multiple of 8*NV: the
 // NG*NV accumulators (NV vectors of 8 positions per head) stay in registers across the r rows of
-// K^T (f16, converted on the fly; rows[jj] is row i1[jj] at position 0, qs[jj*NG + h] the query
+// K^T (f16, or I8 times 2^ex[p], converted on the fly; rows[jj] is row i1[jj] at position 0, qs[jj*NG + h] the query
 // value it multiplies), then logits = acc*ascale + mask, -inf where masked; running max per
 // head; gs = -1 where masked, 0 elsewhere.
-template <int NG, int NV>
-inline void step2_avx2(int64_t p0, int64_t n, int r, const ggml_fp16_t * const * rows, const float * qs,
+template <int NG, int NV, bool I8>
+inline void step2_avx2(int64_t p0, int64_t n, int r, const void * const * rows, const int8_t * ex, const float * qs,
                 const float * asc, const ggml_tensor * mask, const char * mrow,
                 float * const * Lh, float * gs, float * lmax) {
     __m256 vmax[NG];
@@ -237,7 +237,10 @@ inline void step2_avx2(int64_t p0, int64_t n, int r, const ggml_fp16_t * const *
         for (int h = 0; h < NG; ++h) for (int u = 0; u < NV; ++u) a[h][u] = _mm256_setzero_ps();
         for (int jj = 0; jj < r; ++jj) {
             __m256 x[NV];
-            for (int u = 0; u < NV; ++u) x[u] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (rows[jj] + p + 8*u)));
+            for (int u = 0; u < NV; ++u) {
+                x[u] = I8 ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) ((const int8_t *) rows[jj] + p + 8*u))))
+                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) rows[jj] + p + 8*u)));
+            }
             for (int h = 0; h < NG; ++h) {
                 const __m256 qb = _mm256_broadcast_ss(qs + jj*NG + h);
                 for (int u = 0; u < NV; ++u) a[h][u] = _mm256_fmadd_ps(x[u], qb, a[h][u]);
@@ -253,6 +256,11 @@ inline void step2_avx2(int64_t p0, int64_t n, int r, const ggml_fp16_t * const *
             }
             const __m256 is_masked = _mm256_cmp_ps(m, ninf, _CMP_EQ_OQ);
             _mm256_storeu_ps(gs + pu, _mm256_and_ps(is_masked, _mm256_set1_ps(-1.0f)));
+            if (I8) {  // times 2^e: the float whose exponent field is e + 127
+                const __m256i e = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (ex + pu)));
+                const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+                for (int h = 0; h < NG; ++h) a[h][u] = _mm256_mul_ps(a[h][u], sc);
+            }
             for (int h = 0; h < NG; ++h) {
                 const __m256 x = _mm256_blendv_ps(_mm256_fmadd_ps(a[h][u], _mm256_set1_ps(asc[h]), m), ninf, is_masked);
                 _mm256_storeu_ps(Lh[h] + pu, x);
@@ -271,8 +279,8 @@ inline void step2_avx2(int64_t p0, int64_t n, int r, const ggml_fp16_t * const *
 
 #if defined(__AVX512F__)
 // Step 2 as step2_avx2 with AVX-512: units of 16 positions, n a multiple of 16*NV
-template <int NG, int NV>
-inline void step2_avx512(int64_t p0, int64_t n, int r, const ggml_fp16_t * const * rows, const float * qs,
+template <int NG, int NV, bool I8>
+inline void step2_avx512(int64_t p0, int64_t n, int r, const void * const * rows, const int8_t * ex, const float * qs,
                          const float * asc, const ggml_tensor * mask, const char * mrow,
                          float * const * Lh, float * gs, float * lmax) {
     __m512 vmax[NG];
@@ -284,7 +292,10 @@ inline void step2_avx512(int64_t p0, int64_t n, int r, const ggml_fp16_t * const
         for (int h = 0; h < NG; ++h) for (int u = 0; u < NV; ++u) a[h][u] = _mm512_setzero_ps();
         for (int jj = 0; jj < r; ++jj) {
             __m512 x[NV];
-            for (int u = 0; u < NV; ++u) x[u] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (rows[jj] + p + 16*u)));
+            for (int u = 0; u < NV; ++u) {
+                x[u] = I8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) ((const int8_t *) rows[jj] + p + 16*u))))
+                          : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const ggml_fp16_t *) rows[jj] + p + 16*u)));
+            }
             for (int h = 0; h < NG; ++h) {
                 const __m512 qb = _mm512_set1_ps(qs[jj*NG + h]);
                 for (int u = 0; u < NV; ++u) a[h][u] = _mm512_fmadd_ps(x[u], qb, a[h][u]);
@@ -297,6 +308,11 @@ inline void step2_avx512(int64_t p0, int64_t n, int r, const ggml_fp16_t * const
                 : _mm512_loadu_ps((const float *) mrow + pu);
             const __mmask16 is_masked = _mm512_cmp_ps_mask(m, ninf, _CMP_EQ_OQ);
             _mm512_storeu_ps(gs + pu, _mm512_maskz_mov_ps(is_masked, _mm512_set1_ps(-1.0f)));
+            if (I8) {
+                const __m512i e = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (ex + pu)));
+                const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23));
+                for (int h = 0; h < NG; ++h) a[h][u] = _mm512_mul_ps(a[h][u], sc);
+            }
             for (int h = 0; h < NG; ++h) {
                 const __m512 x = _mm512_mask_mov_ps(_mm512_fmadd_ps(a[h][u], _mm512_set1_ps(asc[h]), m), is_masked, ninf);
                 _mm512_storeu_ps(Lh[h] + pu, x);
@@ -311,8 +327,8 @@ inline void step2_avx512(int64_t p0, int64_t n, int r, const ggml_fp16_t * const
 #if defined(SPARQ_SIMD_NEON)
 // Step 2 as step2_avx2, with NEON: NV units of 8 positions (two vectors of 4) per head in
 // registers, f16 K^T converted on the fly, logits = acc*ascale + mask in one fused multiply-add
-template <int NG, int NV>
-inline void step2_neon(int64_t p0, int64_t n, int r, const ggml_fp16_t * const * rows, const float * qs,
+template <int NG, int NV, bool I8>
+inline void step2_neon(int64_t p0, int64_t n, int r, const void * const * rows, const int8_t * ex, const float * qs,
                        const float * asc, const ggml_tensor * mask, const char * mrow,
                        float * const * Lh, float * gs, float * lmax) {
     float32x4_t vmax[NG];
@@ -326,9 +342,15 @@ inline void step2_neon(int64_t p0, int64_t n, int r, const ggml_fp16_t * const *
         for (int jj = 0; jj < r; ++jj) {
             float32x4_t x[2*NV];
             for (int u = 0; u < NV; ++u) {
-                const float16x8_t hx = vld1q_f16(f16p(rows[jj] + p + 8*u));
-                x[2*u]     = vcvt_f32_f16(vget_low_f16(hx));
-                x[2*u + 1] = vcvt_high_f32_f16(hx);
+                if (I8) {
+                    const int16x8_t w = vmovl_s8(vld1_s8((const int8_t *) rows[jj] + p + 8*u));
+                    x[2*u]     = vcvtq_f32_s32(vmovl_s16(vget_low_s16(w)));
+                    x[2*u + 1] = vcvtq_f32_s32(vmovl_high_s16(w));
+                } else {
+                    const float16x8_t hx = vld1q_f16(f16p((const ggml_fp16_t *) rows[jj] + p + 8*u));
+                    x[2*u]     = vcvt_f32_f16(vget_low_f16(hx));
+                    x[2*u + 1] = vcvt_high_f32_f16(hx);
+                }
             }
             for (int h = 0; h < NG; ++h) {
                 const float32x4_t qb = vdupq_n_f32(qs[jj*NG + h]);
@@ -341,6 +363,12 @@ inline void step2_neon(int64_t p0, int64_t n, int r, const ggml_fp16_t * const *
                                                               : vld1q_f32((const float *) mrow + pe);
             const uint32x4_t is_masked = vceqq_f32(m, ninf);
             vst1q_f32(gs + pe, vreinterpretq_f32_u32(vandq_u32(is_masked, neg1)));
+            if (I8) {
+                const int16x8_t ew = vmovl_s8(vld1_s8(ex + p + 8*(e/2)));
+                const int32x4_t ei = e % 2 == 0 ? vmovl_s16(vget_low_s16(ew)) : vmovl_high_s16(ew);
+                const float32x4_t sc = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(ei, vdupq_n_s32(127)), 23));
+                for (int h = 0; h < NG; ++h) a[h][e] = vmulq_f32(a[h][e], sc);
+            }
             for (int h = 0; h < NG; ++h) {
                 const float32x4_t x = vbslq_f32(is_masked, ninf, vfmaq_f32(m, a[h][e], vdupq_n_f32(asc[h])));
                 vst1q_f32(Lh[h] + pe, x);
@@ -354,26 +382,26 @@ inline void step2_neon(int64_t p0, int64_t n, int r, const ggml_fp16_t * const *
 
 #if defined(SPARQ_SIMD)
 // Step 2 for NG (<= 4) heads of a group over positions [p0, p0 + n), n a multiple of 8: wide
-// blocks, then single units; rows[jj] is K^T row i1[jj] (f16) at position 0, qs[jj*NG + h] the
+// blocks, then single units; rows[jj] is K^T row i1[jj] (f16, or I8 with exponents ex) at position 0, qs[jj*NG + h] the
 // query value it multiplies, asc[h] the heads' scales; writes the logits (-inf where masked) to
 // Lh[h], gs = -1 where masked and 0 elsewhere, and raises lmax[h] to the logits' max.
-template <int NG>
-inline void step2_range(int64_t p0, int64_t n, int r, const ggml_fp16_t * const * rows, const float * qs,
+template <int NG, bool I8>
+inline void step2_range(int64_t p0, int64_t n, int r, const void * const * rows, const int8_t * ex, const float * qs,
                         const float * asc, const ggml_tensor * mask, const char * mrow,
                         float * const * Lh, float * gs, float * lmax) {
     constexpr int NV = NG <= 2 ? 4 : 2;
     const int64_t nw = n - n % (8*NV);
 #if defined(__AVX512F__)
     const int64_t n16 = n - n % (16*NV);
-    step2_avx512<NG, NV>(p0, n16, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
-    step2_avx2<NG, 1>(p0 + n16, n - n16, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+    step2_avx512<NG, NV, I8>(p0, n16, r, rows, ex, qs, asc, mask, mrow, Lh, gs, lmax);
+    step2_avx2<NG, 1, I8>(p0 + n16, n - n16, r, rows, ex, qs, asc, mask, mrow, Lh, gs, lmax);
     (void) nw;
 #elif defined(SPARQ_SIMD_AVX2)
-    step2_avx2<NG, NV>(p0, nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
-    step2_avx2<NG, 1>(p0 + nw, n - nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+    step2_avx2<NG, NV, I8>(p0, nw, r, rows, ex, qs, asc, mask, mrow, Lh, gs, lmax);
+    step2_avx2<NG, 1, I8>(p0 + nw, n - nw, r, rows, ex, qs, asc, mask, mrow, Lh, gs, lmax);
 #else
-    step2_neon<NG, NV>(p0, nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
-    step2_neon<NG, 1>(p0 + nw, n - nw, r, rows, qs, asc, mask, mrow, Lh, gs, lmax);
+    step2_neon<NG, NV, I8>(p0, nw, r, rows, ex, qs, asc, mask, mrow, Lh, gs, lmax);
+    step2_neon<NG, 1, I8>(p0 + nw, n - nw, r, rows, ex, qs, asc, mask, mrow, Lh, gs, lmax);
 #endif
 }
 #endif

@@ -6,7 +6,7 @@
 //                     window, i1, tau; items with k >= visible take every visible row (dense)
 //                     and skip steps 2-3
 //   approx_logits     step 2, positions split across threads: approximate logits from r rows of
-//                     K^T (AVX-512, AVX2 or NEON: in registers, f16 converted on the fly), per-thread max per head
+//                     K^T (AVX-512, AVX2 or NEON: in registers, f16 or int8 converted on the fly), per-thread max per head
 //   approx_scores     step 2, positions split: s_hat's numerators exp(L - max) in place of the
 //                     logits (the only exponentials of steps 2-4), per-thread denominators; one
 //                     head per group: the group's scores and their histogram
@@ -103,7 +103,7 @@ struct sparq_run {
     const int ith, nth;
     const sparq_layout o;
     const int64_t G, S, I;  // heads per group, positions, items (query row x KV head)
-    const bool realloc, no_tau, kt_f16, k_f16, v_f16, k_q8, v_q8;
+    const bool realloc, no_tau, kt_f16, kt_i8, k_f16, v_f16, k_q8, v_q8;
 
     // shared scratch, per item (and head, and thread where it says)
     item_info * info;   // step 1: visible range, local window, selection size
@@ -131,7 +131,7 @@ struct sparq_run {
           d(get_dims(t)), ith(params->ith), nth(params->nth), o(get_layout(d, nth)),
           G(d.G), S(d.n_kv), I(d.n_items),
           realloc(d.flags & GGML_SPARQ_REALLOC), no_tau(d.flags & GGML_SPARQ_NO_TAU),
-          kt_f16(kt->type == GGML_TYPE_F16), k_f16(k->type == GGML_TYPE_F16), v_f16(v->type == GGML_TYPE_F16),
+          kt_f16(kt->type == GGML_TYPE_F16), kt_i8(kt->type == GGML_TYPE_I8), k_f16(k->type == GGML_TYPE_F16), v_f16(v->type == GGML_TYPE_F16),
           k_q8(k->type == GGML_TYPE_Q8_0), v_q8(v->type == GGML_TYPE_Q8_0) {
         GGML_ASSERT(params->wsize >= o.total * 4);
         GGML_ASSERT(G <= GGML_SPARQ_MAX_GROUP && d.D <= GGML_SPARQ_MAX_HEAD_SIZE);
@@ -249,6 +249,7 @@ struct sparq_run {
             float lmax[GGML_SPARQ_MAX_GROUP];
             for (int64_t hh = 0; hh < G; ++hh) lmax[hh] = -INFINITY;
             const char * kt0 = (const char *) kt->data + g*kt->nb[2] + s*kt->nb[3];
+            const int8_t * ex = kt_i8 ? (const int8_t *) (kt0 + d.D*kt->nb[1]) : nullptr;  // I8: row D, the exponents
             // plain step 2 on [pa, pb) (at most SPARQ_BLK positions)
             auto step2_plain = [&](int64_t pa, int64_t pb) {
                 const int64_t n = pb - pa;
@@ -260,6 +261,9 @@ struct sparq_run {
                     const float * row;
                     if (kt_f16) {
                         ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) ktrow, blk_row, n);
+                        row = blk_row;
+                    } else if (kt_i8) {
+                        for (int64_t i = 0; i < n; ++i) blk_row[i] = (float) ((const int8_t *) ktrow)[i];
                         row = blk_row;
                     } else {
                         row = (const float *) ktrow;
@@ -274,6 +278,11 @@ struct sparq_run {
                     memcpy(blk_mask, (const float *) mrow + pa, n*sizeof(float));
                 }
                 for (int64_t i = 0; i < n; ++i) gs[pa + i] = blk_mask[i] == -INFINITY ? -1.0f : 0.0f;
+                if (kt_i8) {
+                    for (int64_t hh = 0; hh < G; ++hh) {
+                        for (int64_t i = 0; i < n; ++i) acc[hh*SPARQ_BLK + i] = std::ldexp(acc[hh*SPARQ_BLK + i], ex[pa + i]);
+                    }
+                }
                 for (int64_t hh = 0; hh < G; ++hh) {
                     const float sc = ascale[it*G + hh];
                     float * Lh = L + hh*S + pa;
@@ -290,10 +299,10 @@ struct sparq_run {
             };
             int64_t n8 = 0;
 #if defined(SPARQ_SIMD)
-            if (kt_f16) {
+            if (kt_f16 || kt_i8) {
                 n8 = (c1 - c0) & ~int64_t(7);
-                const ggml_fp16_t * rows[GGML_SPARQ_MAX_HEAD_SIZE];  // r <= D (supports_op)
-                for (int32_t jj = 0; jj < d.r; ++jj) rows[jj] = (const ggml_fp16_t *) (kt0 + ii[jj]*kt->nb[1]);
+                const void * rows[GGML_SPARQ_MAX_HEAD_SIZE];  // r <= D (supports_op)
+                for (int32_t jj = 0; jj < d.r; ++jj) rows[jj] = kt0 + ii[jj]*kt->nb[1];
                 // the query values each row multiplies, per group of up to 4 heads: qs[h0*r + jj*ng + h]
                 float * qs = qbuf;  // G*D floats, free until attend_selected
                 for (int64_t h0 = 0; h0 < G; h0 += 4) {
@@ -312,11 +321,20 @@ struct sparq_run {
                         for (int h = 0; h < ng; ++h) Lh[h] = L + (h0 + h)*S;
                         const float * asc = ascale + it*G + h0;
                         const float * qg = qs + h0*d.r;
-                        switch (ng) {
-                            case 1:  step2_range<1>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                            case 2:  step2_range<2>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                            case 3:  step2_range<3>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                            default: step2_range<4>(p0, n, d.r, rows, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                        if (kt_i8) {
+                            switch (ng) {
+                                case 1:  step2_range<1, true>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                                case 2:  step2_range<2, true>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                                case 3:  step2_range<3, true>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                                default: step2_range<4, true>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                            }
+                        } else {
+                            switch (ng) {
+                                case 1:  step2_range<1, false>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                                case 2:  step2_range<2, false>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                                case 3:  step2_range<3, false>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                                default: step2_range<4, false>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                            }
                         }
                     }
                 }
@@ -577,14 +595,15 @@ bool ggml_sparq_attn_supported(const struct ggml_tensor * op) {
         return false;
     }
     const ggml_tensor * q = op->src[0], * k = op->src[1], * v = op->src[2], * mask = op->src[3], * kt = op->src[4];
-    // K^T in F16 or F32; K and V rows also in Q8_0 (whole blocks per row)
+    // K^T in F16 or F32, or I8 with its exponent row (D + 1 rows); K and V rows also in Q8_0 (whole blocks per row)
     auto ok_kv = [](const ggml_tensor * t, bool q8) {
         if (q8 && t->type == GGML_TYPE_Q8_0) {
             return t->ne[0] % QK8_0 == 0 && t->nb[0] == ggml_type_size(t->type);
         }
         return (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_F32) && t->nb[0] == ggml_type_size(t->type);
     };
-    return q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) && ok_kv(k, true) && ok_kv(kt, false) && ok_kv(v, true) &&
+    const bool kt_ok = kt->type == GGML_TYPE_I8 ? kt->nb[0] == 1 && kt->ne[1] == q->ne[0] + 1 : ok_kv(kt, false);
+    return q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) && ok_kv(k, true) && kt_ok && ok_kv(v, true) &&
            op->type == GGML_TYPE_F32 &&
            (mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32) &&
            q->ne[2] / k->ne[2] <= GGML_SPARQ_MAX_GROUP && q->ne[0] <= GGML_SPARQ_MAX_HEAD_SIZE &&
