@@ -27,6 +27,15 @@ struct llama_sparq_params {
     int32_t layer_end;   // one past the last layer that may use SparQ; -1: up to the last layer
     bool    no_tau;      // ablation: scale the approximate scores by the dense scale instead of tau
     int32_t path;        // enum llama_sparq_path: how SparQ is computed
+    int32_t mirror;      // enum llama_sparq_mirror: the K^T mirror's element type
+};
+
+// The K^T mirror that step 2 reads. INT8: a position's components share a power-of-two scale
+// (one byte per component, one per position for the exponent), half of F16's bytes, so that at
+// a given compression the budget buys more rows k; the fused op reads it, the portable graph does not.
+enum llama_sparq_mirror {
+    LLAMA_SPARQ_MIRROR_AUTO  = 0, // INT8 where the fused op runs on an F16 or Q8_0 cache, else FLOAT
+    LLAMA_SPARQ_MIRROR_FLOAT = 1, // F16 (F32 for an F32 cache) everywhere
 };
 
 // How a layer computes SparQ. The fused op (GGML_OP_SPARQ_ATTN) needs a kernel in the layer's
@@ -55,6 +64,7 @@ enum llama_sparq_status {
     LLAMA_SPARQ_ERR_V_TRANS     = -10, // the context stores V transposed (flash attention disabled)
     LLAMA_SPARQ_ERR_ALLOC       = -11, // the K^T mirror could not be allocated
     LLAMA_SPARQ_ERR_PATH        = -12, // path is not a llama_sparq_path value
+    LLAMA_SPARQ_ERR_MIRROR      = -13, // mirror is not a llama_sparq_mirror value
 };
 
 struct llama_sparq_stats {

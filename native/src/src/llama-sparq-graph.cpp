@@ -12,6 +12,7 @@
 #include "llama-kv-cache-iswa.h"
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <utility>
@@ -65,6 +66,36 @@ static bool use_sparq(const llama_sparq_kv & st, const llama_ubatch & ub, const 
         return false;
     }
     return !(st.params.k > 0 && st.params.k >= (int64_t) n_kv); // every position would be read
+}
+
+// The ubatch's K into an I8 mirror (a: [kv_size, n_head*(d + 1), n_stream]), quantized per cell
+// and head from the layer's K as cached (b: [n_embd, kv_size, n_stream], written earlier in the
+// graph), as rebuild_mirror does from K, so that both give the same bytes. The cells come from
+// the mirror indices of the tokens' first elements (c: kt_idxs).
+static void write_mirror_i8(ggml_tensor * dst, const ggml_tensor * a, const ggml_tensor * b, const ggml_tensor * c,
+                            int ith, int nth, void * userdata) {
+    GGML_UNUSED(dst);
+    GGML_UNUSED(userdata);
+    const int64_t kv_size = a->ne[0], rows = a->ne[1], n_embd = b->ne[0];
+    const int64_t n_head = rows - n_embd, d = n_embd/n_head;
+    const int64_t n_tokens = c->ne[0]/n_embd;
+    const int64_t * idx = (const int64_t *) c->data;
+    const auto * traits = ggml_get_type_traits(b->type);
+    std::vector<float> kf(n_embd);
+    for (int64_t t = ith; t < n_tokens; t += nth) {
+        const int64_t i0 = idx[t*n_embd];  // strm*kv_size*n_embd + cell
+        const int64_t cell = i0 % kv_size, strm = i0/(kv_size*n_embd);
+        const char * krow = (const char *) b->data + cell*b->nb[1] + strm*b->nb[2];
+        if (b->type == GGML_TYPE_F32) {
+            memcpy(kf.data(), krow, n_embd*sizeof(float));
+        } else {
+            traits->to_float(krow, kf.data(), n_embd);
+        }
+        for (int64_t h = 0; h < n_head; ++h) {
+            int8_t * col = (int8_t *) a->data + (strm*rows + h*(d + 1))*kv_size + cell;
+            ggml_sparq_quantize_kt(kf.data() + h*d, d, col, (size_t) kv_size, col + d*kv_size);
+        }
+    }
 }
 
 llm_graph_input_sparq * llama_sparq_build_input(
@@ -195,7 +226,7 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
             const int64_t S = n_vis[i] > 0 ? n_vis[i] : std::min<int64_t>((int64_t) ubatch->pos[i] + 1, n_kv);
             for (const auto & li : layers) {
                 const int64_t kk = std::min<int64_t>(li.k, S);
-                st->stats.bytes_attn_sparq += li.n_head_kv*(S*li.r*li.bytes.mirror_elem + kk*li.bytes.kv_row + li.vmean_bytes);
+                st->stats.bytes_attn_sparq += li.n_head_kv*(S*(li.r*li.bytes.mirror_elem + li.bytes.mirror_pos) + kk*li.bytes.kv_row + li.vmean_bytes);
                 st->stats.bytes_attn_dense += li.n_head_kv*(S*li.bytes.kv_row);
             }
         }
@@ -244,8 +275,12 @@ ggml_tensor * llama_sparq_build_attn(
     }
     ggml_tensor * kt = st.kt[ikv];
 
-    // the mirror: every element of k_cur is a row of the flattened K^T
-    {
+    // the mirror: every element of k_cur is a row of the flattened K^T; an I8 mirror is
+    // quantized from K's cells once they hold this ubatch's keys
+    if (kt->type == GGML_TYPE_I8) {
+        ggml_build_forward_expand(gf, ggml_map_custom3_inplace(ctx0, kt, cache_internals::k(kv, ikv), inp->kt_idxs,
+                                                               write_mirror_i8, GGML_N_TASKS_MAX, nullptr));
+    } else {
         ggml_tensor * kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx0, k_cur);
         kc = ggml_reshape_2d(ctx0, kc, 1, ggml_nelements(kc));
         ggml_tensor * dst = ggml_reshape_2d(ctx0, kt, 1, ggml_nelements(kt));
@@ -262,7 +297,8 @@ ggml_tensor * llama_sparq_build_attn(
     const int64_t n_kv      = k->ne[2];
     const int64_t ns        = k->ne[3];
     const int64_t kv_size   = kv.get_size();
-    const int64_t n_embd    = kt->ne[1];
+    const int64_t n_rows    = kt->ne[1];            // n_head_kv*d, or n_head_kv*(d + 1) for I8
+    const int64_t drow      = n_rows/n_head_kv;     // the mirror's rows per head
     const size_t  ts        = ggml_type_size(kt->type);
 
     // as build_attn_mha: split the tokens into streams, then [D, n_tokens, n_head, ns]
@@ -270,8 +306,8 @@ ggml_tensor * llama_sparq_build_attn(
     q4 = ggml_permute(ctx0, q4, 0, 2, 1, 3);
     ggml_tensor * k4 = ggml_permute(ctx0, k, 0, 2, 1, 3);
     ggml_tensor * v4 = ggml_permute(ctx0, v, 0, 2, 1, 3);
-    ggml_tensor * kt4 = ggml_view_4d(ctx0, kt, n_kv, d, n_head_kv, ns,
-            kv_size*ts, d*kv_size*ts, n_embd*kv_size*ts, n_embd*kv_size*ts*cache_internals::sinfo(inp->mctx).s0);
+    ggml_tensor * kt4 = ggml_view_4d(ctx0, kt, n_kv, drow, n_head_kv, ns,
+            kv_size*ts, drow*kv_size*ts, n_rows*kv_size*ts, n_rows*kv_size*ts*cache_internals::sinfo(inp->mctx).s0);
 
     int32_t flags = st.params.no_tau ? GGML_SPARQ_NO_TAU : 0;
     ggml_tensor * vmean = nullptr;
@@ -286,8 +322,8 @@ ggml_tensor * llama_sparq_build_attn(
         vmean = ggml_reshape_4d(ctx0, vmean, v_cur->ne[0], n_head_kv, n_tokens/ns, ns);
     }
 
-    const llama_sparq_bytes bytes = llama_sparq_layer_bytes(k->type, v->type, d, v->ne[0]);
-    const llama_sparq_layer_cfg cfg = llama_sparq_resolve(st.params, d, inp->n_kv);
+    const llama_sparq_bytes bytes = llama_sparq_layer_bytes(kt->type, k->type, v->type, d, v->ne[0]);
+    const llama_sparq_layer_cfg cfg = llama_sparq_resolve(st.params, d, inp->n_kv, &bytes);
     inp->layers.push_back({ n_head_kv, cfg.r, cfg.k, bytes, st.realloc ? v->ne[0]*sizeof(float) : 0.0 });
 
     if (!st.ops[ikv]) {

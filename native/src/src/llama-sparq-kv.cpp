@@ -13,8 +13,25 @@
 #include <cstring>
 #include <map>
 
-ggml_type llama_sparq_mirror_type(ggml_type type_k) {
-    return type_k == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+ggml_type llama_sparq_mirror_type(ggml_type type_k, bool i8) {
+    return i8 ? GGML_TYPE_I8 : type_k == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+}
+
+// an I8 mirror's head size and head count, from its rows (n_head_kv*(d + 1)) and K's width (n_head_kv*d)
+static void i8_dims(const ggml_tensor * t, int64_t n_embd, int64_t & d, int64_t & n_head) {
+    n_head = t->ne[1] - n_embd;
+    d = n_embd/n_head;
+}
+
+// the I8 mirror's columns of n cells (one row of K each, n_embd values in f32), quantized per
+// head: out holds the mirror's n_head*(d + 1) rows of n bytes
+static void quantize_cells(const float * kf, int64_t n, int64_t n_embd, int64_t d, int64_t n_head, int8_t * out) {
+    for (int64_t c = 0; c < n; ++c) {
+        for (int64_t h = 0; h < n_head; ++h) {
+            int8_t * col = out + h*(d + 1)*n + c;
+            ggml_sparq_quantize_kt(kf + c*n_embd + h*d, d, col, (size_t) n, col + d*n);
+        }
+    }
 }
 
 // n_rows contiguous K or V rows of n values each, in f32
@@ -74,7 +91,7 @@ void llama_sparq_kv::reset_sums() {
     hi.clear();
 }
 
-bool llama_sparq_kv::allocate(const llama_kv_cache & kv, const std::vector<bool> & eligible) {
+bool llama_sparq_kv::allocate(const llama_kv_cache & kv, const std::vector<ggml_type> & types) {
     free_mirror();
     const size_t n_layers = cache_internals::n_layers(kv);
     kt.assign(n_layers, nullptr);
@@ -82,7 +99,7 @@ bool llama_sparq_kv::allocate(const llama_kv_cache & kv, const std::vector<bool>
 
     std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctxs;
     for (size_t ikv = 0; ikv < n_layers; ++ikv) {
-        if (!eligible[ikv]) {
+        if (types[ikv] == GGML_TYPE_COUNT) {
             continue;
         }
         ggml_tensor * k = cache_internals::k(kv, ikv);
@@ -92,7 +109,9 @@ bool llama_sparq_kv::allocate(const llama_kv_cache & kv, const std::vector<bool>
             ggml_init_params ip = { n_layers*ggml_tensor_overhead(), nullptr, true };
             it = ctxs.emplace(buft, ggml_context_ptr(ggml_init(ip))).first;
         }
-        ggml_tensor * t = ggml_new_tensor_3d(it->second.get(), llama_sparq_mirror_type(k->type), k->ne[1], k->ne[0], k->ne[2]);
+        const int64_t n_head_kv = cache_internals::hparams(kv).n_head_kv(cache_internals::il(kv, ikv));
+        const int64_t rows = types[ikv] == GGML_TYPE_I8 ? k->ne[0] + n_head_kv : k->ne[0];  // I8: + an exponent row per head
+        ggml_tensor * t = ggml_new_tensor_3d(it->second.get(), types[ikv], k->ne[1], rows, k->ne[2]);
         ggml_format_name(t, "sparq_kt_l%d", cache_internals::il(kv, ikv));
         kt[ikv] = t;
         vsum_off[ikv] = vsum_size;
@@ -129,6 +148,18 @@ void llama_sparq_kv::rebuild_mirror(const llama_kv_cache & kv) {
             }
             kbuf.resize((size_t) n*k->nb[1]);
             ggml_backend_tensor_get(k, kbuf.data(), (size_t) s*kv_size*k->nb[1], kbuf.size());
+            if (t->type == GGML_TYPE_I8) {  // K's values (as cached) quantized per position and head
+                int64_t d, n_head;
+                i8_dims(t, n_embd, d, n_head);
+                kf.resize((size_t) n*n_embd);
+                rows_f32(k->type, kbuf.data(), n, n_embd, kf.data());
+                tbuf.resize((size_t) n*t->ne[1]);
+                quantize_cells(kf.data(), n, n_embd, d, n_head, (int8_t *) tbuf.data());
+                for (int64_t j = 0; j < t->ne[1]; ++j) {
+                    ggml_backend_tensor_set(t, tbuf.data() + (size_t) j*n, ((size_t) s*t->ne[1] + j)*kv_size, n);
+                }
+                continue;
+            }
             if (k->type != t->type) {  // quantized K: its values in f32, then the mirror's type (F16)
                 kf.resize((size_t) n*n_embd);
                 rows_f32(k->type, kbuf.data(), n, n_embd, kf.data());
@@ -235,6 +266,27 @@ int64_t llama_sparq_kv::check(const llama_kv_cache & kv, float * max_rel_err_v) 
         tbuf.resize(ggml_nbytes(t));
         ggml_backend_tensor_get(k, kbuf.data(), 0, kbuf.size());
         ggml_backend_tensor_get(t, tbuf.data(), 0, tbuf.size());
+        if (t->type == GGML_TYPE_I8) {
+            // the mirror holds K's values (as cached) quantized: byte for byte
+            int64_t d, n_head;
+            i8_dims(t, n_embd, d, n_head);
+            kf.resize((size_t) n_embd);
+            std::vector<int8_t> col((size_t) t->ne[1]);
+            for (uint32_t s = 0; s < kv.get_n_stream(); ++s) {
+                const auto & cells = cache_internals::cells(kv, s);
+                for (uint32_t c = 0; c < cells.used_max_p1(); ++c) {
+                    if (cells.is_empty(c)) {
+                        continue;
+                    }
+                    rows_f32(k->type, kbuf.data() + ((size_t) s*kv_size + c)*k->nb[1], 1, n_embd, kf.data());
+                    quantize_cells(kf.data(), 1, n_embd, d, n_head, col.data());
+                    for (int64_t j = 0; j < t->ne[1]; ++j) {
+                        n_bad += (int8_t) tbuf[((size_t) s*t->ne[1] + j)*kv_size + c] != col[j];
+                    }
+                }
+            }
+            return;
+        }
         if (k->type == t->type) {
             // the mirror holds K's own values: bit for bit
             const size_t ts = ggml_type_size(k->type);

@@ -55,21 +55,28 @@ struct llama_sparq_layer_cfg {
     int32_t l;
 };
 
-llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv);
-
-// What one position costs to read, per KV head, for sparq_stats(): one K^T mirror element, and
-// the position's K row and V row together (quantization scales included). Dense attention reads
-// kv_row for every position; SparQ r*mirror_elem for every position and kv_row for k of them.
+// What one position costs to read, per KV head, for sparq_stats() and the planning of an INT8
+// mirror: one K^T mirror element, the mirror's bytes per position besides (an INT8 mirror's
+// exponent), and the position's K row and V row together (quantization scales included). Dense
+// attention reads kv_row for every position; SparQ r*mirror_elem + mirror_pos for every
+// position and kv_row for k of them.
 struct llama_sparq_bytes {
     double mirror_elem;
+    double mirror_pos;
     double kv_row;
+    bool   mirror_i8;
 };
 
-llama_sparq_bytes llama_sparq_layer_bytes(ggml_type type_k, ggml_type type_v, int64_t d, int64_t dv);
+llama_sparq_bytes llama_sparq_layer_bytes(ggml_type type_kt, ggml_type type_k, ggml_type type_v, int64_t d, int64_t dv);
 
-// The K^T mirror's type: F32 for an F32 cache, F16 otherwise (a quantized K's mirror cannot be
-// written one element at a time, and step 2 only needs approximate scores).
-ggml_type llama_sparq_mirror_type(ggml_type type_k);
+// bytes: the layer's (planning by bytes with an INT8 mirror); null: by elements
+llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv,
+                                          const llama_sparq_bytes * bytes = nullptr);
+
+// The K^T mirror's type: I8 (with its exponent row, ggml_sparq_quantize_kt) where i8; else F32
+// for an F32 cache, F16 otherwise (a quantized K's mirror cannot be written one element at a
+// time, and step 2 only needs approximate scores).
+ggml_type llama_sparq_mirror_type(ggml_type type_k, bool i8);
 
 struct llama_sparq_kv {
     bool enabled = false;
@@ -79,7 +86,9 @@ struct llama_sparq_kv {
     uint32_t generation = 0;         // bumped on every change: graphs built before are not reused
 
     // per cache layer (index of llama_kv_cache::layers)
-    std::vector<ggml_tensor *> kt;   // K^T mirror [kv_size, n_embd_k_gqa, n_stream], null: layer stays dense
+    std::vector<ggml_tensor *> kt;   // K^T mirror [kv_size, n_embd_k_gqa, n_stream], null: layer stays dense;
+                                     // I8: [kv_size, n_head_kv*(head size + 1), n_stream], per head its
+                                     // components then their exponents (ggml_sparq_attn's I8 K^T)
     std::vector<size_t> vsum_off;    // offset of the layer's V sum in a sequence's sum vector
     std::vector<bool> ops;           // the layer runs the portable graph (else the fused op)
     int32_t n_eligible = 0;
@@ -112,9 +121,9 @@ struct llama_sparq_kv {
         }
     }
 
-    // a zeroed mirror for the layers marked eligible, in the buffer type of each layer's K;
-    // false (and nothing allocated) when a buffer cannot be had
-    bool allocate(const llama_kv_cache & kv, const std::vector<bool> & eligible);
+    // a zeroed mirror of type types[ikv] for the layers that have one (GGML_TYPE_COUNT: none),
+    // in the buffer type of each layer's K; false (and nothing allocated) when a buffer cannot be had
+    bool allocate(const llama_kv_cache & kv, const std::vector<ggml_type> & types);
     void free_mirror();
     void reset_sums();
 
@@ -128,7 +137,8 @@ struct llama_sparq_kv {
     void sync_sums(const llama_kv_cache & kv, const llama_kv_cache::slot_info & sinfo, const llama_ubatch & ub,
                    float * vsum_out, float * inv_cnt_out, std::vector<int64_t> & n_vis);
 
-    // llama_sparq_check: mirror elements that differ from K, largest relative V-sum error
+    // llama_sparq_check: mirror elements that differ from K (INT8: from K quantized), largest
+    // relative V-sum error
     int64_t check(const llama_kv_cache & kv, float * max_rel_err_v) const;
 
     // memory SparQ adds: the mirror's buffers and the host-side sums

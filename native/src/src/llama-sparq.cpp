@@ -38,7 +38,7 @@ const char * llama_sparq_version(void) {
 //
 
 // r, k and l of a layer with head size d, for a cache of n_kv positions
-llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv) {
+llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv, const llama_sparq_bytes * bytes) {
     llama_sparq_layer_cfg c;
     if (p.r > 0) {
         c.r = (int32_t) std::min<int64_t>(p.r, d);
@@ -51,16 +51,22 @@ llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t 
     if (p.k > 0) {
         c.k = p.k;
     } else {
-        const double fk = p.compression - c.r/(2.0*d);
+        // step 2's share of the budget: r mirror elements per position against dense's K and V
+        // rows; in elements (r/(2d)) for a float mirror, in bytes for an INT8 one, whose cheaper
+        // reads buy more rows (a float mirror over a Q8_0 cache planned by bytes measured worse:
+        // docs/results.md)
+        const double fk = p.compression - (bytes != nullptr && bytes->mirror_i8
+                ? (c.r*bytes->mirror_elem + bytes->mirror_pos)/bytes->kv_row : c.r/(2.0*d));
         c.k = (int32_t) std::max<int64_t>(1, std::lround(fk*n_kv));
     }
     c.l = p.l >= 0 ? std::min(p.l, c.k) : c.k/4;
     return c;
 }
 
-llama_sparq_bytes llama_sparq_layer_bytes(ggml_type type_k, ggml_type type_v, int64_t d, int64_t dv) {
-    return { (double) ggml_type_size(llama_sparq_mirror_type(type_k)),
-             (double) (ggml_row_size(type_k, d) + ggml_row_size(type_v, dv)) };
+llama_sparq_bytes llama_sparq_layer_bytes(ggml_type type_kt, ggml_type type_k, ggml_type type_v, int64_t d, int64_t dv) {
+    const bool i8 = type_kt == GGML_TYPE_I8;
+    return { (double) ggml_type_size(type_kt), i8 ? 1.0 : 0.0,
+             (double) (ggml_row_size(type_k, d) + ggml_row_size(type_v, dv)), i8 };
 }
 
 // the caches of a context that can take SparQ (the full-attention one), and the layer count
@@ -129,7 +135,8 @@ static bool layer_on_rpc(const llama_kv_cache & kv, size_t ikv) {
 }
 
 // whether the backend that holds layer ikv has a kernel for the fused op (else: portable graph)
-static bool layer_has_fused_op(const llama_kv_cache & kv, size_t ikv) {
+// with a K^T mirror of type kt_type
+static bool layer_has_fused_op(const llama_kv_cache & kv, size_t ikv, ggml_type kt_type) {
     if (layer_on_rpc(kv, ikv)) {
         return false; // the portable graph of standard ops runs on any server
     }
@@ -142,7 +149,7 @@ static bool layer_has_fused_op(const llama_kv_cache & kv, size_t ikv) {
     const int64_t d = hp.n_embd_head_k(il), n = 256;
     ggml_tensor * q  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, d, 1, hp.n_head(il), 1);
     ggml_tensor * kk = ggml_new_tensor_4d(ctx.get(), k->type, d, n, hp.n_head_kv(il), 1);
-    ggml_tensor * kt = ggml_new_tensor_4d(ctx.get(), llama_sparq_mirror_type(k->type), n, d, hp.n_head_kv(il), 1);
+    ggml_tensor * kt = ggml_new_tensor_4d(ctx.get(), kt_type, n, d + (kt_type == GGML_TYPE_I8), hp.n_head_kv(il), 1);
     ggml_tensor * vv = ggml_new_tensor_4d(ctx.get(), v->type, d, n, hp.n_head_kv(il), 1);
     ggml_tensor * vm = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, d, hp.n_head_kv(il), 1, 1);
     ggml_tensor * m  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F16, n, 1, 1, 1);
@@ -180,6 +187,9 @@ static int32_t sparq_validate(const llama_sparq_params & p, const llama_kv_cache
     if (p.path < LLAMA_SPARQ_PATH_AUTO || p.path > LLAMA_SPARQ_PATH_OPS) {
         return LLAMA_SPARQ_ERR_PATH;
     }
+    if (p.mirror < LLAMA_SPARQ_MIRROR_AUTO || p.mirror > LLAMA_SPARQ_MIRROR_FLOAT) {
+        return LLAMA_SPARQ_ERR_MIRROR;
+    }
     if (p.layer_start < 0 || p.layer_end < -1 || (p.layer_end != -1 && p.layer_end <= p.layer_start)) {
         return LLAMA_SPARQ_ERR_LAYERS;
     }
@@ -216,6 +226,7 @@ struct llama_sparq_params llama_sparq_default_params(void) {
     p.layer_end   = -1;
     p.no_tau      = false;
     p.path        = LLAMA_SPARQ_PATH_AUTO;
+    p.mirror      = LLAMA_SPARQ_MIRROR_AUTO;
     return p;
 }
 
@@ -236,6 +247,7 @@ const char * llama_sparq_strerror(int32_t status) {
         case LLAMA_SPARQ_ERR_V_TRANS:     return "the context stores V transposed: create it with flash attention enabled";
         case LLAMA_SPARQ_ERR_ALLOC:       return "could not allocate the K^T mirror";
         case LLAMA_SPARQ_ERR_PATH:        return "path must be 0 (auto), 1 (fused) or 2 (ops)";
+        case LLAMA_SPARQ_ERR_MIRROR:      return "mirror must be 0 (auto) or 1 (float)";
     }
     return "unknown status";
 }
@@ -315,6 +327,7 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     const int32_t layer_end = params->layer_end == -1 ? (int32_t) hp.n_layer() : params->layer_end;
     const size_t n_layers = cache_internals::n_layers(*kv);
     std::vector<bool> eligible(n_layers, false), ops(n_layers, false);
+    std::vector<ggml_type> kt_types(n_layers, GGML_TYPE_COUNT);
     const char * why_not = nullptr;
     int64_t n_embd_kt = -1;
     for (size_t ikv = 0; ikv < n_layers; ++ikv) {
@@ -327,7 +340,7 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
             why = "K width differs from the first SparQ layer";
         }
         if (why == nullptr && params->path != LLAMA_SPARQ_PATH_OPS) {
-            ops[ikv] = !layer_has_fused_op(*kv, ikv);
+            ops[ikv] = !layer_has_fused_op(*kv, ikv, llama_sparq_mirror_type(cache_internals::k(*kv, ikv)->type, false));
             if (ops[ikv] && params->path == LLAMA_SPARQ_PATH_FUSED) {
                 why = layer_on_rpc(*kv, ikv) ? "the layer is on an RPC server, which cannot say whether it has the fused SparQ kernel (path = fused)"
                                              : "the layer's backend has no fused SparQ kernel (path = fused)";
@@ -342,6 +355,11 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
         }
         n_embd_kt = cache_internals::k(*kv, ikv)->ne[0];
         eligible[ikv] = true;
+        // the mirror's type: INT8 where the fused op reads it (and the backend's kernel takes it)
+        const ggml_type type_k = cache_internals::k(*kv, ikv)->type;
+        const bool i8 = !ops[ikv] && params->mirror == LLAMA_SPARQ_MIRROR_AUTO && type_k != GGML_TYPE_F32 &&
+                        layer_has_fused_op(*kv, ikv, GGML_TYPE_I8);
+        kt_types[ikv] = llama_sparq_mirror_type(type_k, i8);
     }
     if (std::none_of(eligible.begin(), eligible.end(), [](bool b) { return b; })) {
         LLAMA_LOG_WARN("%s: no layer can use SparQ (%s); decoding stays dense\n", __func__,
@@ -359,9 +377,9 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
 
     bool same_layers = st.enabled && st.kt.size() == n_layers;
     for (size_t ikv = 0; same_layers && ikv < n_layers; ++ikv) {
-        same_layers = (st.kt[ikv] != nullptr) == eligible[ikv];
+        same_layers = (st.kt[ikv] != nullptr) == eligible[ikv] && (st.kt[ikv] == nullptr || st.kt[ikv]->type == kt_types[ikv]);
     }
-    if (!same_layers && !st.allocate(*kv, eligible)) {
+    if (!same_layers && !st.allocate(*kv, kt_types)) {
         st.enabled = false;
         LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_sparq_strerror(LLAMA_SPARQ_ERR_ALLOC));
         return LLAMA_SPARQ_ERR_ALLOC;
@@ -383,8 +401,9 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     st.generation++;
     ctx->sparq_need_reserve();
 
-    LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers, %d of them through the portable graph (%s %g, r %d, l %d, reallocation %s, from n_kv %d)%s%s\n",
-            __func__, st.n_eligible, n_layers_all, st.n_ops, params->k > 0 ? "k" : "compression",
+    const long n_i8 = std::count(kt_types.begin(), kt_types.end(), GGML_TYPE_I8);
+    LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers, %d of them through the portable graph, %ld with an int8 K^T mirror (%s %g, r %d, l %d, reallocation %s, from n_kv %d)%s%s\n",
+            __func__, st.n_eligible, n_layers_all, st.n_ops, n_i8, params->k > 0 ? "k" : "compression",
             params->k > 0 ? (double) params->k : (double) params->compression, params->r, params->l,
             realloc ? "on" : "off", st.min_ctx, why_not ? "; others dense: " : "", why_not ? why_not : "");
     return LLAMA_SPARQ_OK;
