@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The 1/8 ablations of `sparq-cpp eval` alone: teacher forcing against dense at 1/8 of dense's
-K/V bytes for the default setting and each variant (no tau, r = d/16, both, local window k/8 and
-k/2; 1/4 as a reference), per model, with the JSON saved after each model. It is the evidence
-behind each model family's default (docs/results.md, "Ablations at 1/8").
+K/V bytes for the default setting and each variant (the float K^T mirror, alone and reading the
+int8 default's rows; the int8 mirror's bytes spent on r = d/4 instead of rows; no tau, r = d/16,
+both, local window k/8 and k/2; 1/4 as a reference), per model, with the JSON saved after each
+model. It is the evidence behind each model family's default (docs/results.md, "the levers
+measured").
 
     python scripts/eval_ablation.py                                   # both models, 2048 and 4096, 256 tokens
     python scripts/eval_ablation.py -m smollm2-135m -c 2048 -n 64     # a quick look
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from sparq_cpp import eval as ev
 
-KEEP = ("1/4", "1/8", "1/8 no tau (sqrt(d))", "1/8 r=d/16 (larger k)", "1/8 no tau, r=d/16", "1/8 l=k/8", "1/8 l=k/2")
+KEEP = ("1/4", "1/8", "1/8 float mirror", "1/8 r=d/4 (int8 bytes to step 2)", "1/8 float mirror, int8's rows", "1/8 no tau (sqrt(d))", "1/8 r=d/16 (larger k)", "1/8 no tau, r=d/16", "1/8 l=k/8", "1/8 l=k/2")
 
 
 def main() -> None:

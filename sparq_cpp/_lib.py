@@ -73,6 +73,7 @@ struct llama_sparq_params {
     int32_t layer_end;
     bool    no_tau;
     int32_t path;
+    int32_t mirror;
 };
 
 struct llama_sparq_stats {
@@ -126,6 +127,7 @@ class SparqStatus(enum.IntEnum):
     ERR_V_TRANS = -10
     ERR_ALLOC = -11
     ERR_PATH = -12
+    ERR_MIRROR = -13
 
 
 def _bind():

@@ -26,17 +26,21 @@ from .sparq import SPARQ_PATHS, SparqParams
 def parse_setting(text: str) -> Tuple[str, Optional[dict]]:
     """'dense', '1/8' (compression), '0.125', 'k=64' -> (label, set_sparq kwargs or None); a
     suffix ':ops' or ':fused' picks how SparQ is computed (sparq_path), e.g. '1/8:ops' for the
-    portable graph of standard ggml ops on the CPU."""
+    portable graph of standard ggml ops on the CPU; ':float' the float K^T mirror (sparq_mirror),
+    e.g. '1/8:float'."""
     t = text.strip()
     if t == "dense":
         return "dense", None
-    t, _, path = t.partition(":")
+    t, *suffixes = t.split(":")
     extra = {}
-    if path:
-        if path not in SPARQ_PATHS:
-            raise ValueError(f"setting {text!r}: the suffix must be one of :{', :'.join(SPARQ_PATHS)}")
-        extra = {"path": path}
-    suffix = f" {path}" if path else ""
+    for sfx in suffixes:
+        if sfx in SPARQ_PATHS:
+            extra["path"] = sfx
+        elif sfx == "float":
+            extra["mirror"] = sfx
+        else:
+            raise ValueError(f"setting {text!r}: a suffix must be one of :{', :'.join(SPARQ_PATHS)}, :float")
+    suffix = "".join(f" {sfx}" for sfx in suffixes)
     if t.startswith("k="):
         return f"k={int(t[2:])}{suffix}", {"k": int(t[2:]), **extra}
     return f"{t}{suffix}", {"compression": parse_compression(t), **extra}

@@ -148,7 +148,7 @@ def _compression(text: str) -> float:
 
 def add_sparq_args(p: argparse.ArgumentParser) -> None:
     """--sparq-<field> for each field of SparqParams, with its help text (the one list)."""
-    from sparq_cpp.sparq import SPARQ_HELP, SPARQ_PATHS
+    from sparq_cpp.sparq import SPARQ_HELP, SPARQ_MIRRORS, SPARQ_PATHS
 
     g = p.add_argument_group("SparQ (none given: dense attention)")
     for a, help in SPARQ_HELP.items():
@@ -163,6 +163,8 @@ def add_sparq_args(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, action="store_true", help=help)
         elif a == "path":
             g.add_argument(flag, choices=SPARQ_PATHS, default=None, help=help)
+        elif a == "mirror":
+            g.add_argument(flag, choices=SPARQ_MIRRORS, default=None, help=help)
         else:
             g.add_argument(flag, type=int, default=None, help=help)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._lib import llama_cpp
 from .bench import DecodeContext
-from .kv_types import cache_type
+from .kv_types import ELEMENT_BYTES, cache_type
 from .runinfo import run_info, save_outputs
 
 COMPRESSIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
@@ -42,11 +42,30 @@ def _label(c: float) -> str:
     return f"1/{round(1 / c)}"
 
 
-def settings(head_dim: int, context: int, compressions=COMPRESSIONS) -> List[dict]:
+def planned_k(c: float, head_dim: int, context: int, type_k: str = "f16", type_v: str = "f16") -> float:
+    """k as the library plans it for compression c with the default r and mirror (llama_sparq_resolve):
+    an int8 mirror (f16 and q8_0 caches) costs r + 1 bytes per position against dense's K and V rows,
+    a float mirror r elements against 2*head_dim."""
+    r = max(1, round(c * head_dim))
+    if type_k == "f32":
+        return (c - r / (2 * head_dim)) * context
+    return (c - (r + 1) / (head_dim * (ELEMENT_BYTES[type_k] + ELEMENT_BYTES[type_v]))) * context
+
+
+def settings(head_dim: int, context: int, compressions=COMPRESSIONS, type_k: str = "f16",
+             type_v: str = "f16") -> List[dict]:
     """(label, group, set_sparq kwargs) for the teacher-forced table."""
     out = [dict(label=_label(c), group="compression", c=c, kw=dict(compression=c)) for c in compressions]
     c = 1 / 8
-    out += [dict(label="1/8 no tau (sqrt(d))", group="ablation", c=c, kw=dict(compression=c, no_tau=True)),
+    # the int8 mirror's bytes: spent on rows (the default), or on components (r = d/4, k about
+    # n_kv/16); and the float mirror reading the int8 default's rows (what its quantization costs)
+    r8 = max(1, round(c * head_dim))
+    k8i = planned_k(c, head_dim, context, type_k, type_v) / context
+    out += [dict(label="1/8 float mirror", group="ablation", c=c, kw=dict(compression=c, mirror="float")),
+            dict(label="1/8 r=d/4 (int8 bytes to step 2)", group="ablation", c=c, kw=dict(compression=c, r=2 * r8)),
+            dict(label="1/8 float mirror, int8's rows", group="ablation", c=c,
+                 kw=dict(compression=min(1.0, r8 / (2 * head_dim) + k8i), r=r8, mirror="float")),
+            dict(label="1/8 no tau (sqrt(d))", group="ablation", c=c, kw=dict(compression=c, no_tau=True)),
             dict(label="1/8 no local window (l=0)", group="ablation", c=c, kw=dict(compression=c, l=0)),
             dict(label="1/8 reallocation on", group="ablation", c=c, kw=dict(compression=c, realloc=True)),
             dict(label="1/8 reallocation off", group="ablation", c=c, kw=dict(compression=c, realloc=False)),
@@ -56,7 +75,7 @@ def settings(head_dim: int, context: int, compressions=COMPRESSIONS) -> List[dic
             dict(label="1/8 no tau, r=d/16", group="ablation", c=c,
                  kw=dict(compression=c, no_tau=True, r=max(1, head_dim // 16)))]
     # the local window's share of k (default k/4); k as the planner sets it for this context
-    k8 = (c - max(1, round(c * head_dim)) / (2 * head_dim)) * context
+    k8 = planned_k(c, head_dim, context, type_k, type_v)
     out += [dict(label=f"1/8 l=k/{f}", group="ablation", c=c, kw=dict(compression=c, l=max(1, round(k8 / f))))
             for f in (8, 2)]
     for c in compressions:
@@ -159,7 +178,8 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
 
         # teacher forcing
         def tf_settings(C: int) -> List[dict]:
-            return [s for s in settings(m.head_dim, C) if labels is None or s["label"] in labels]
+            return [s for s in settings(m.head_dim, C, type_k=cache_type_k, type_v=cache_type_v)
+                    if labels is None or s["label"] in labels]
 
         n_tf = sum(len(tf_settings(c)) + 1 for c in ctxs)
         bar = tqdm(total=n_tf, desc=f"eval {name}: teacher forcing", file=sys.stderr, disable=not progress or not n_tf)

@@ -14,6 +14,7 @@ _INT32_MAX = 2**31 - 1
 
 # enum llama_sparq_path, in its order
 SPARQ_PATHS = ("auto", "fused", "ops")
+SPARQ_MIRRORS = ("auto", "float")  # enum llama_sparq_mirror, in order
 
 
 def flash_attn_for(params, flash_attn: Optional[bool]) -> Optional[bool]:
@@ -68,6 +69,10 @@ class SparqParams:
     path: Optional[Literal["auto", "fused", "ops"]] = _arg(
         "how SparQ is computed: auto (default: the fused op where the layer's backend has it, else the "
         "portable graph of standard ggml ops), fused (the op only; other layers dense), ops (the portable graph everywhere)")
+    mirror: Optional[Literal["auto", "float"]] = _arg(
+        "the K^T copy the approximate scores read: auto (default: int8 with a power-of-two scale per position "
+        "where the fused op runs on an f16 or q8_0 cache, half of f16's bytes, so a compression buys more rows k), "
+        "float (f16, or f32 for an f32 cache)")
 
     def __post_init__(self):
         p = "sparq_"
@@ -109,6 +114,8 @@ class SparqParams:
             raise ValueError(f"{p}no_tau must be a bool, got {self.no_tau!r}")
         if self.path is not None and self.path not in SPARQ_PATHS:
             raise ValueError(f"{p}path must be one of {', '.join(SPARQ_PATHS)}, got {self.path!r}")
+        if self.mirror is not None and self.mirror not in SPARQ_MIRRORS:
+            raise ValueError(f"{p}mirror must be one of {', '.join(SPARQ_MIRRORS)}, got {self.mirror!r}")
 
     @classmethod
     def from_kwargs(cls, prefix: str = "", **kwargs) -> Optional["SparqParams"]:
@@ -147,6 +154,7 @@ class SparqParams:
             p.layer_end = -1 if self.layers[1] is None else self.layers[1]
         p.no_tau = self.no_tau
         p.path = SPARQ_PATHS.index(self.path or "auto")
+        p.mirror = SPARQ_MIRRORS.index(self.mirror or "auto")
         return p
 
 
@@ -159,7 +167,8 @@ SparqParams.__doc__ += "\n    Fields:\n\n" + "".join(f"    - ``{a}``: {h}\n" for
 _STATUS_ARG = {SparqStatus.ERR_K: "sparq_k", SparqStatus.ERR_COMPRESSION: "sparq_compression",
                SparqStatus.ERR_BOTH: "sparq_k", SparqStatus.ERR_R: "sparq_r", SparqStatus.ERR_L: "sparq_l",
                SparqStatus.ERR_REALLOC: "sparq_realloc", SparqStatus.ERR_MIN_CTX: "sparq_min_ctx",
-               SparqStatus.ERR_LAYERS: "sparq_layers", SparqStatus.ERR_PATH: "sparq_path"}
+               SparqStatus.ERR_LAYERS: "sparq_layers", SparqStatus.ERR_PATH: "sparq_path",
+               SparqStatus.ERR_MIRROR: "sparq_mirror"}
 
 
 def _ctx(ctx_ptr):

@@ -21,7 +21,9 @@ from sparq_cpp.rpc import RpcServer, free_port  # noqa: E402
 from test_sparq import _teacher_forced, _tokens  # noqa: E402
 
 # 600 prompt tokens, SparQ 1/8 from 256 cells (n_kv 768 > k = 48), 16 teacher-forced tokens
-SPARQ = dict(sparq_compression=1 / 8, sparq_min_ctx=256, sparq_realloc=True)
+# the F16 K^T mirror: the portable graph's (what RPC layers run), so that local runs with the fused
+# op read the same rows as remote ones (the fused op's default int8 mirror buys more rows)
+SPARQ = dict(sparq_compression=1 / 8, sparq_min_ctx=256, sparq_realloc=True, sparq_mirror="float")
 
 
 def _decode(**kw):

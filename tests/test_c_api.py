@@ -81,3 +81,9 @@ def test_paths_of_the_header_are_pythons():
     from sparq_cpp.sparq import SPARQ_PATHS
 
     assert _enum("llama_sparq_path") == {f"PATH_{p.upper()}": i for i, p in enumerate(SPARQ_PATHS)}
+
+
+def test_mirrors_of_the_header_are_pythons():
+    from sparq_cpp.sparq import SPARQ_MIRRORS
+
+    assert _enum("llama_sparq_mirror") == {f"MIRROR_{m.upper()}": i for i, m in enumerate(SPARQ_MIRRORS)}

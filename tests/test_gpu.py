@@ -24,11 +24,13 @@ pytestmark = pytest.mark.skipif(not _gpu_devices(), reason="the library under te
 def test_sparq_decode_on_the_gpu_equals_cpu_sparq(essay_text):
     # 600 prompt tokens, SparQ from 256 cells on (n_kv 768 > k = 48 at 1/8), 24 teacher-forced
     # tokens: on the GPU device every SparQ layer runs the portable graph (no GPU backend has a
-    # fused kernel), on the CPU the fused op
+    # fused kernel), on the CPU the fused op, both with the F16 K^T mirror (the portable graph's;
+    # the fused op's default int8 mirror reads other rows for the same budget)
     out, stats = {}, {}
     for where, ngl in (("cpu", 0), ("gpu", -1)):
         llm = Llama("smollm2-135m", n_ctx=1024, n_batch=512, n_threads=2, logits_all=True, verbose=False,
-                    n_gpu_layers=ngl, sparq_compression=1 / 8, sparq_min_ctx=256, sparq_realloc=True)
+                    n_gpu_layers=ngl, sparq_compression=1 / 8, sparq_min_ctx=256, sparq_realloc=True,
+                    sparq_mirror="float")
         try:
             toks = _tokens(llm, essay_text, 624)
             out[where] = _teacher_forced(llm, toks[:600], toks[600:624])

@@ -184,25 +184,31 @@ def test_q8_0_cache(essay_text):
         llm.sparq_stats(reset=True)
         out = _teacher_forced(llm, toks[:1040], toks[1040:1104])
         assert llm.sparq_stats()["n_tokens_sparq"] == 64
-        assert _check(llm) == (0, pytest.approx(0.0, abs=VSUM_TOL))  # f16 mirror of the q8_0 K
+        assert _check(llm) == (0, pytest.approx(0.0, abs=VSUM_TOL))  # the int8 mirror of the q8_0 K
         assert np.abs(out - dense).max() < ROUNDING["smollm2-135m"]
 
-        # 1/8 against dense on the same q8_0 cache
+        # 1/8 against dense on the same q8_0 cache, with the int8 mirror (the default) and the f16 one
         llm.set_sparq(None)
         prompt, cont = toks[:2000], toks[2000:]
         dense = _teacher_forced(llm, prompt, cont)
-        llm.set_sparq(compression=1 / 8)
-        llm.sparq_stats(reset=True)
-        sparq = _teacher_forced(llm, prompt, cont)
-        st = llm.sparq_stats()
-        assert st["n_tokens_sparq"] == len(cont)
-        # bytes, counted honestly: per position the f16 mirror's r = 8 components (16 bytes) against
-        # q8_0 K and V rows of 2*68 bytes, plus k/S = 1/16 of the rows: 16/136 + 1/16 = 0.18
-        assert 0.16 < st["read_fraction"] < 0.20
-        agree, ppl_ratio = _agreement_and_ppl_ratio(dense, sparq, cont)
-        print(f"q8_0 1/8: agreement {agree:.3f}, perplexity ratio {ppl_ratio:.4f}")
-        assert agree >= LEVELS_Q8_0_1_8[0]
-        assert ppl_ratio <= LEVELS_Q8_0_1_8[1]
+        for mirror in ("auto", "float"):
+            llm.set_sparq(compression=1 / 8, mirror=mirror)
+            llm.sparq_stats(reset=True)
+            sparq = _teacher_forced(llm, prompt, cont)
+            st = llm.sparq_stats()
+            assert st["n_tokens_sparq"] == len(cont)
+            # bytes, counted honestly, per position against q8_0 K and V rows of 2*68 bytes: the int8
+            # mirror's r = 8 components and exponent (9 bytes), planned by bytes, so k/S = 1/8 - 9/136
+            # and the total is 1/8; the f16 mirror's 8 components (16 bytes), planned by elements
+            # (k/S = 1/16): 16/136 + 1/16 = 0.18
+            lo, hi = (0.11, 0.14) if mirror == "auto" else (0.16, 0.20)
+            assert lo < st["read_fraction"] < hi, (mirror, st["read_fraction"])
+            assert _check(llm) == (0, pytest.approx(0.0, abs=VSUM_TOL))
+            agree, ppl_ratio = _agreement_and_ppl_ratio(dense, sparq, cont)
+            print(f"q8_0 1/8 ({mirror} mirror): agreement {agree:.3f}, perplexity ratio {ppl_ratio:.4f}, "
+                  f"reads {st['read_fraction']:.3f}")
+            assert agree >= LEVELS_Q8_0_1_8[0]
+            assert ppl_ratio <= LEVELS_Q8_0_1_8[1]
     finally:
         llm.close()
 
@@ -340,6 +346,7 @@ def test_completion_stream_and_chat_with_sparq(essay_text):
     (dict(sparq_k=64, sparq_r=0), "sparq_r"), (dict(sparq_k=64, sparq_l=65), "sparq_l"),
     (dict(sparq_k=64, sparq_l=-1), "sparq_l"), (dict(sparq_k=64, sparq_min_ctx=-1), "sparq_min_ctx"),
     (dict(sparq_k=64, sparq_realloc="yes"), "sparq_realloc"), (dict(sparq_k=64, sparq_layers=(4, 2)), "sparq_layers"),
+    (dict(sparq_k=64, sparq_mirror="int4"), "sparq_mirror"),
     (dict(sparq_r=8), "sparq_k or sparq_compression"), (dict(sparq_kk=8), "unknown SparQ argument"),
     (dict(sparq_k=64, flash_attn=False), "flash_attn=True"),
 ])
@@ -353,7 +360,7 @@ def test_bad_values_on_a_live_model():
     with pytest.raises(ValueError, match="sparq_r"):
         llm.set_sparq(k=64, r=65)  # head size is 64
     with pytest.raises(ValueError, match="sparq_compression"):
-        llm.set_sparq(compression=1 / 64, r=8)  # r alone reads 1/16
+        llm.set_sparq(compression=1 / 64, r=8)  # r alone reads 9/256 (int8 mirror), 1/16 (float)
     with pytest.raises(ValueError, match="sparq_layers"):
         llm.set_sparq(k=64, layers=(30, 40))
     assert llm.sparq is None  # nothing changed
@@ -370,7 +377,8 @@ def test_c_api_returns_error_codes():
     cases = [dict(k=-1), dict(k=0, compression=0), dict(k=8, compression=0.5), dict(k=0, compression=2.0),
              dict(k=0, compression=float("nan")), dict(k=8, compression=0, r=-2), dict(k=8, compression=0, l=9),
              dict(k=8, compression=0, mean_realloc=2), dict(k=8, compression=0, min_ctx=-5),
-             dict(k=8, compression=0, layer_start=5, layer_end=3), dict(k=8, compression=0, r=1000)]
+             dict(k=8, compression=0, layer_start=5, layer_end=3), dict(k=8, compression=0, r=1000),
+             dict(k=8, compression=0, mirror=2), dict(k=8, compression=0, mirror=-1)]
     for c in cases:
         p[0] = lib.llama_sparq_default_params()
         for f, v in c.items():

@@ -112,7 +112,8 @@ def test_llama_cli_generates_with_sparq(model, essay, how):
     (["--sparq-k", "-1"], "--sparq-k must be >= 0, got -1"),
     (["--sparq-k", "32", "--sparq-r", "9999"], "error: SparQ settings refused: r must be in 1..head size"),
     (["--sparq-k", "32", "-fa", "off"], "(SparQ needs flash attention: -fa on or auto)"),
-    (["--sparq-r", "8"], "error: --sparq-r/-l/-min-ctx/-realloc need a budget"),
+    (["--sparq-r", "8"], "error: --sparq-r/-l/-min-ctx/-realloc/-mirror need a budget"),
+    (["--sparq-k", "32", "--sparq-mirror", "int4"], "--sparq-mirror: 'int4' is not auto or float"),
     (["--sparq-k", "32", "--sparq-compression", "1/8"], "error: give --sparq-k or --sparq-compression, not both"),
 ])
 def test_llama_cli_bad_values(model, args, message):
