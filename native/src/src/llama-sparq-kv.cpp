@@ -34,6 +34,19 @@ static void quantize_cells(const float * kf, int64_t n, int64_t n_embd, int64_t 
     }
 }
 
+// f(stream, cell) for every cell of the cache that holds a token
+template <typename F>
+static void for_each_cell(const llama_kv_cache & kv, F && f) {
+    for (uint32_t s = 0; s < kv.get_n_stream(); ++s) {
+        const auto & cells = cache_internals::cells(kv, s);
+        for (uint32_t c = 0; c < cells.used_max_p1(); ++c) {
+            if (!cells.is_empty(c)) {
+                f(s, c);
+            }
+        }
+    }
+}
+
 // n_rows contiguous K or V rows of n values each, in f32
 static void rows_f32(ggml_type type, const void * src, int64_t n_rows, int64_t n, float * dst) {
     if (type == GGML_TYPE_F32) {
@@ -272,37 +285,25 @@ int64_t llama_sparq_kv::check(const llama_kv_cache & kv, float * max_rel_err_v) 
             i8_dims(t, n_embd, d, n_head);
             kf.resize((size_t) n_embd);
             std::vector<int8_t> col((size_t) t->ne[1]);
-            for (uint32_t s = 0; s < kv.get_n_stream(); ++s) {
-                const auto & cells = cache_internals::cells(kv, s);
-                for (uint32_t c = 0; c < cells.used_max_p1(); ++c) {
-                    if (cells.is_empty(c)) {
-                        continue;
-                    }
-                    rows_f32(k->type, kbuf.data() + ((size_t) s*kv_size + c)*k->nb[1], 1, n_embd, kf.data());
-                    quantize_cells(kf.data(), 1, n_embd, d, n_head, col.data());
-                    for (int64_t j = 0; j < t->ne[1]; ++j) {
-                        n_bad += (int8_t) tbuf[((size_t) s*t->ne[1] + j)*kv_size + c] != col[j];
-                    }
+            for_each_cell(kv, [&](uint32_t s, uint32_t c) {
+                rows_f32(k->type, kbuf.data() + ((size_t) s*kv_size + c)*k->nb[1], 1, n_embd, kf.data());
+                quantize_cells(kf.data(), 1, n_embd, d, n_head, col.data());
+                for (int64_t j = 0; j < t->ne[1]; ++j) {
+                    n_bad += (int8_t) tbuf[((size_t) s*t->ne[1] + j)*kv_size + c] != col[j];
                 }
-            }
+            });
             return;
         }
         if (k->type == t->type) {
             // the mirror holds K's own values: bit for bit
             const size_t ts = ggml_type_size(k->type);
-            for (uint32_t s = 0; s < kv.get_n_stream(); ++s) {
-                const auto & cells = cache_internals::cells(kv, s);
-                for (uint32_t c = 0; c < cells.used_max_p1(); ++c) {
-                    if (cells.is_empty(c)) {
-                        continue;
-                    }
-                    for (int64_t j = 0; j < n_embd; ++j) {
-                        const uint8_t * a = kbuf.data() + ((size_t) s*kv_size + c)*k->nb[1] + j*ts;
-                        const uint8_t * b = tbuf.data() + (((size_t) s*n_embd + j)*kv_size + c)*ts;
-                        n_bad += memcmp(a, b, ts) != 0;
-                    }
+            for_each_cell(kv, [&](uint32_t s, uint32_t c) {
+                for (int64_t j = 0; j < n_embd; ++j) {
+                    const uint8_t * a = kbuf.data() + ((size_t) s*kv_size + c)*k->nb[1] + j*ts;
+                    const uint8_t * b = tbuf.data() + (((size_t) s*n_embd + j)*kv_size + c)*ts;
+                    n_bad += memcmp(a, b, ts) != 0;
                 }
-            }
+            });
             return;
         }
         // quantized K, F16 mirror written from the same unquantized K: they agree to within half a
@@ -311,24 +312,18 @@ int64_t llama_sparq_kv::check(const llama_kv_cache & kv, float * max_rel_err_v) 
         tf.resize(ggml_nelements(t));
         rows_f32(t->type, tbuf.data(), ggml_nrows(t), t->ne[0], tf.data());
         const int64_t blk = ggml_blck_size(k->type);
-        for (uint32_t s = 0; s < kv.get_n_stream(); ++s) {
-            const auto & cells = cache_internals::cells(kv, s);
-            for (uint32_t c = 0; c < cells.used_max_p1(); ++c) {
-                if (cells.is_empty(c)) {
-                    continue;
-                }
-                rows_f32(k->type, kbuf.data() + ((size_t) s*kv_size + c)*k->nb[1], 1, n_embd, kf.data());
-                for (int64_t j0 = 0; j0 < n_embd; j0 += blk) {
-                    float amax = 0.0f;
-                    for (int64_t j = j0; j < j0 + blk; ++j) amax = std::max(amax, std::fabs(kf[j]));
-                    for (int64_t j = j0; j < j0 + blk; ++j) {
-                        const float m = tf[((size_t) s*n_embd + j)*kv_size + c];
-                        const float tol = 0.5f*amax/127.0f*1.01f + std::fabs(kf[j])/1024.0f + 1e-6f;
-                        n_bad += !(std::fabs(m - kf[j]) <= tol);
-                    }
+        for_each_cell(kv, [&](uint32_t s, uint32_t c) {
+            rows_f32(k->type, kbuf.data() + ((size_t) s*kv_size + c)*k->nb[1], 1, n_embd, kf.data());
+            for (int64_t j0 = 0; j0 < n_embd; j0 += blk) {
+                float amax = 0.0f;
+                for (int64_t j = j0; j < j0 + blk; ++j) amax = std::max(amax, std::fabs(kf[j]));
+                for (int64_t j = j0; j < j0 + blk; ++j) {
+                    const float m = tf[((size_t) s*n_embd + j)*kv_size + c];
+                    const float tol = 0.5f*amax/127.0f*1.01f + std::fabs(kf[j])/1024.0f + 1e-6f;
+                    n_bad += !(std::fabs(m - kf[j]) <= tol);
                 }
             }
-        }
+        });
     });
 
     float max_err = 0.0f;

@@ -37,6 +37,13 @@ const char * llama_sparq_version(void) {
 // settings
 //
 
+// Step 2's share of the budget: r mirror elements per position against dense's K and V rows; in
+// elements (r/(2d)) for a float mirror, in bytes for an INT8 one, whose cheaper reads buy more
+// rows (a float mirror over a Q8_0 cache planned by bytes measured worse: docs/results.md)
+static double step2_share(int32_t r, int64_t d, const llama_sparq_bytes * bytes) {
+    return bytes != nullptr && bytes->mirror_i8 ? (r*bytes->mirror_elem + bytes->mirror_pos)/bytes->kv_row : r/(2.0*d);
+}
+
 // r, k and l of a layer with head size d, for a cache of n_kv positions
 llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv, const llama_sparq_bytes * bytes) {
     llama_sparq_layer_cfg c;
@@ -51,12 +58,7 @@ llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t 
     if (p.k > 0) {
         c.k = p.k;
     } else {
-        // step 2's share of the budget: r mirror elements per position against dense's K and V
-        // rows; in elements (r/(2d)) for a float mirror, in bytes for an INT8 one, whose cheaper
-        // reads buy more rows (a float mirror over a Q8_0 cache planned by bytes measured worse:
-        // docs/results.md)
-        const double fk = p.compression - (bytes != nullptr && bytes->mirror_i8
-                ? (c.r*bytes->mirror_elem + bytes->mirror_pos)/bytes->kv_row : c.r/(2.0*d));
+        const double fk = p.compression - step2_share(c.r, d, bytes);
         c.k = (int32_t) std::max<int64_t>(1, std::lround(fk*n_kv));
     }
     c.l = p.l >= 0 ? std::min(p.l, c.k) : c.k/4;
@@ -203,9 +205,12 @@ static int32_t sparq_validate(const llama_sparq_params & p, const llama_kv_cache
             if (p.r > d) {
                 return LLAMA_SPARQ_ERR_R;
             }
-            if (p.k == 0) {
+            // a compression must leave room for rows after step 2 (here with a float mirror; an
+            // int8 one, cheaper, is checked by llama_sparq_set once the mirror types are known)
+            const bool may_be_i8 = p.mirror == LLAMA_SPARQ_MIRROR_AUTO && cache_internals::k(*kv, ikv)->type != GGML_TYPE_F32;
+            if (p.k == 0 && !may_be_i8) {
                 const int64_t r = llama_sparq_resolve(p, d, 1).r;
-                if (p.compression - r/(2.0*d) <= 0.0) {
+                if (p.compression - step2_share((int32_t) r, d, nullptr) <= 0.0) {
                     return LLAMA_SPARQ_ERR_COMPRESSION;
                 }
             }
@@ -237,7 +242,7 @@ const char * llama_sparq_strerror(int32_t status) {
         case LLAMA_SPARQ_ROTATED:         return "the cache already holds Hadamard-rotated keys";
         case LLAMA_SPARQ_ERR_NULL:        return "context is NULL";
         case LLAMA_SPARQ_ERR_K:           return "k must be >= 1 (or 0 with a compression)";
-        case LLAMA_SPARQ_ERR_COMPRESSION: return "compression must be in (0, 1] and leave room for r/(2*head size)";
+        case LLAMA_SPARQ_ERR_COMPRESSION: return "compression must be in (0, 1] and leave room for rows after step 2's r components (r/(2*head size) with a float mirror)";
         case LLAMA_SPARQ_ERR_BOTH:        return "give k or compression, not both";
         case LLAMA_SPARQ_ERR_R:           return "r must be in 1..head size (0: default)";
         case LLAMA_SPARQ_ERR_L:           return "l must be in 0..k (-1: default k/4)";
@@ -360,6 +365,18 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
         const bool i8 = !ops[ikv] && params->mirror == LLAMA_SPARQ_MIRROR_AUTO && type_k != GGML_TYPE_F32 &&
                         layer_has_fused_op(*kv, ikv, GGML_TYPE_I8);
         kt_types[ikv] = llama_sparq_mirror_type(type_k, i8);
+    }
+    for (size_t ikv = 0; ikv < n_layers && params->k == 0; ++ikv) {  // room for rows after step 2, per mirror
+        if (!eligible[ikv]) {
+            continue;
+        }
+        const ggml_tensor * k = cache_internals::k(*kv, ikv), * v = cache_internals::v(*kv, ikv);
+        const int64_t d = hp.n_embd_head_k(cache_internals::il(*kv, ikv));
+        const llama_sparq_bytes b = llama_sparq_layer_bytes(kt_types[ikv], k->type, v->type, d, d);
+        if (params->compression - step2_share(llama_sparq_resolve(*params, d, 1, &b).r, d, &b) <= 0.0) {
+            LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_sparq_strerror(LLAMA_SPARQ_ERR_COMPRESSION));
+            return LLAMA_SPARQ_ERR_COMPRESSION;
+        }
     }
     if (std::none_of(eligible.begin(), eligible.end(), [](bool b) { return b; })) {
         LLAMA_LOG_WARN("%s: no layer can use SparQ (%s); decoding stays dense\n", __func__,
