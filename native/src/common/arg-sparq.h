@@ -51,6 +51,16 @@ static void common_sparq_add_args(AddOpt && add_opt) {
             params.sparq.min_ctx = value;
             params.sparq.other_given = true;
         }).set_env("LLAMA_ARG_SPARQ_MIN_CTX"));
+    add_opt(common_arg({ "--sparq-mirror" }, "{auto,float}",
+        "SparQ: the K^T copy the approximate scores read: auto (int8 where the CPU kernel runs on an f16 or q8_0 "
+        "cache, half of f16's bytes, so a compression buys more rows) or float (f16; f32 for an f32 cache) (default: auto)",
+        [](common_params & params, const std::string & value) {
+            if (value != "auto" && value != "float") {
+                throw std::invalid_argument("--sparq-mirror: '" + value + "' is not auto or float");
+            }
+            params.sparq.mirror = value == "auto" ? LLAMA_SPARQ_MIRROR_AUTO : LLAMA_SPARQ_MIRROR_FLOAT;
+            params.sparq.other_given = true;
+        }).set_env("LLAMA_ARG_SPARQ_MIRROR"));
     add_opt(common_arg({ "--sparq-realloc" }, { "--no-sparq-realloc" },
         "SparQ: mean reallocation (mix in the mean of V; default: the model family's)",
         [](common_params & params, bool value) {

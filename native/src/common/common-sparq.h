@@ -19,7 +19,8 @@ struct common_sparq_params {
     int         l            = -1;    // -1: default
     int         min_ctx      = -1;    // -1: default
     int         mean_realloc = -1;    // -1: the model's default, 0 off, 1 on
-    bool        other_given  = false; // r, l, min-ctx or realloc given
+    int         mirror       = LLAMA_SPARQ_MIRROR_AUTO; // enum llama_sparq_mirror
+    bool        other_given  = false; // r, l, min-ctx, realloc or mirror given
 
     bool enabled() const { return k > 0 || compression > 0.0f; }
 };
@@ -60,6 +61,7 @@ static inline llama_sparq_params common_sparq_llama_params(const common_sparq_pa
     p.l            = sp.l;
     p.min_ctx      = sp.min_ctx;
     p.mean_realloc = sp.mean_realloc;
+    p.mirror       = sp.mirror;
     return p;
 }
 
@@ -69,7 +71,7 @@ static inline llama_sparq_params common_sparq_llama_params(const common_sparq_pa
 static inline bool common_sparq_apply(llama_context * ctx, const common_sparq_params & sp, bool announce = true) {
     if (!sp.enabled()) {
         if (sp.other_given) {
-            fprintf(stderr, "error: --sparq-r/-l/-min-ctx/-realloc need a budget: --sparq-compression or --sparq-k\n");
+            fprintf(stderr, "error: --sparq-r/-l/-min-ctx/-realloc/-mirror need a budget: --sparq-compression or --sparq-k\n");
             return false;
         }
         return true;
@@ -93,6 +95,7 @@ static inline bool common_sparq_apply(llama_context * ctx, const common_sparq_pa
         given += sp.l >= 0 ? " --sparq-l " + std::to_string(sp.l) : "";
         given += sp.min_ctx >= 0 ? " --sparq-min-ctx " + std::to_string(sp.min_ctx) : "";
         given += sp.mean_realloc >= 0 ? (sp.mean_realloc ? " --sparq-realloc" : " --no-sparq-realloc") : "";
+        given += sp.mirror == LLAMA_SPARQ_MIRROR_FLOAT ? " --sparq-mirror float" : "";
         fprintf(stderr, "sparq-cpp: SparQ attention on (%s)\n", given.c_str());
     }
     return true;
