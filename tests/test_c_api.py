@@ -87,3 +87,10 @@ def test_mirrors_of_the_header_are_pythons():
     from sparq_cpp.sparq import SPARQ_MIRRORS
 
     assert _enum("llama_sparq_mirror") == {f"MIRROR_{m.upper()}": i for i, m in enumerate(SPARQ_MIRRORS)}
+
+
+def test_default_min_ctx_of_the_header_is_pythons():
+    from sparq_cpp.sparq import DEFAULT_MIN_CTX
+
+    m = re.search(r"#define LLAMA_SPARQ_DEFAULT_MIN_CTX (\d+)", HEADER.read_text())
+    assert m and int(m.group(1)) == DEFAULT_MIN_CTX

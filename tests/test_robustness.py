@@ -148,3 +148,54 @@ def test_long_generation_stays_finite_and_keeps_exact_v_sums(essay_text):
     print(f"long run: {st['n_tokens_sparq']} SparQ tokens, largest V-sum error {worst:.2e} "
           f"(allowed {VSUM_TOL:.0e})")
     assert llm.n_tokens == 8192 and st["n_tokens_sparq"] == 4096
+
+
+def test_compression_holds_for_every_sequence_of_a_shared_cache(smollm2, essay_text):
+    # A compression is a promise about the bytes each sequence reads: with a short sequence beside
+    # a long one in one cache (whose length n_kv the long one sets, padded), each reads 1/8 of its
+    # own dense attention, alone and decoded together. The bound: k is rounded to whole rows, 1/S.
+    # The short sequence's logits are the same with the long one in the cache as without it: its
+    # selection depends on its own length only.
+    llm = smollm2
+    toks = llm.tokenize(essay_text.encode())
+    n_vocab = llm.n_vocab()
+    lengths = {0: 600, 1: 1900}
+    params = SparqParams(compression=1 / 8)
+    unified = True  # one cache whose length the long sequence sets (with a stream per sequence, each has its own)
+
+    def short_alone_logits(ctx):
+        return np.array([decode(ctx, [(toks[20000 + step], lengths[0] + step, 0)], n_vocab)[0] for step in range(8)])
+
+    ctx = raw_context(llm, 1, unified, n_ctx=1024)  # the short sequence in a cache of its own
+    try:
+        assert sparq_cpp.sparq.apply(ctx, params) == 0
+        prefill(ctx, 0, toks[:lengths[0]], n_vocab)
+        own_cache = short_alone_logits(ctx)
+    finally:
+        llama_cpp.llama_free(ctx)
+
+    ctx = raw_context(llm, 2, unified, n_ctx=4096)
+    try:
+        assert sparq_cpp.sparq.apply(ctx, params) == 0
+        for s, n in lengths.items():
+            prefill(ctx, s, toks[5000 * s: 5000 * s + n], n_vocab)
+        mem = llama_cpp.llama_get_memory(ctx)
+        for groups in ([[0]], [[1]], [[0, 1]]):
+            sparq_cpp.sparq.reset_stats(ctx)
+            if groups == [[0]]:
+                shared = short_alone_logits(ctx)
+                diff = np.abs(shared - own_cache).max()
+                print(f"short sequence, shared cache against its own: max |logit difference| {diff:.2e}")
+                assert diff < 1e-3, diff
+            else:
+                for step in range(8):
+                    for g in groups:
+                        decode(ctx, [(toks[20000 + step], lengths[s] + step, s) for s in g], n_vocab)
+            for s, n in lengths.items():
+                llama_cpp.llama_memory_seq_rm(mem, s, n, -1)
+            st = sparq_cpp.sparq.stats(ctx)
+            print(f"sequences {groups}: reads {st['read_fraction']:.4f} of dense")
+            assert st["n_tokens_sparq"] == 8 * sum(len(g) for g in groups)
+            assert abs(st["read_fraction"] - 1 / 8) < 1 / min(lengths.values()), st["read_fraction"]
+    finally:
+        llama_cpp.llama_free(ctx)

@@ -161,6 +161,63 @@ def test_llama_server_answers_with_sparq(model, essay, tmp_path):
     assert n is not None and n >= 15, text[-2000:]  # the 16th token is sampled, not decoded
 
 
+def test_llama_server_keeps_the_budget_with_two_requests_at_once(model, tmp_path):
+    # two slots in one cache, two requests of different lengths decoded together: each sequence
+    # reads 1/8 of its own dense bytes (the cache's length, set by both, does not count)
+    port = free_port()
+    log = tmp_path / "server2.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(tool_path("llama-server")), "-m", model, "-c", "8192", "-np", "2", "-t", "2",
+                                 "--host", "127.0.0.1", "--port", str(port), "-lv", "4", "--sparq-compression", "1/8"],
+                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    text = models.essays_text(8)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as h:
+                    if h.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+
+        def ask(chars):
+            body = json.dumps({"prompt": text[:chars], "n_predict": 24, "temperature": 0}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+                return json.load(resp)
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(ask, [3000, 12000]))  # about 700 and 2800 tokens
+        assert all(o["timings"]["predicted_n"] == 24 for o in outs), outs
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log_text = log.read_text()
+    m = re.search(r"SparQ layers read ([\d.]+) of dense", log_text)
+    assert m and _sparq_tokens(log_text) >= 40, log_text[-2000:]
+    print(f"two requests at once: read {m.group(1)} of dense")
+    assert abs(float(m.group(1)) - 1 / 8) < 0.005
+
+
+def test_llama_bench_says_which_rows_stay_dense(model):
+    r = _run("llama-bench", ["-m", model, "-p", "0", "-n", "2", "-r", "1", "-t", "2", "-fa", "1",
+                             "--sparq-compression", "0,1/8"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    warn = [x for x in r.stderr.splitlines() if "SparQ rows of" in x]
+    assert len(warn) == 1 and "tg2 @ d0" in warn[0] and "min_ctx (512)" in warn[0], r.stderr[-2000:]
+
+
 def test_llama_server_bad_value_exits(model):
     r = _run("llama-server", ["-m", model, "--port", str(free_port()), "--sparq-compression", "1/0"])
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])

@@ -5,6 +5,7 @@
 //                   visible lengths, 1-3 threads, F16, F32 and Q8_0 K/V, F16 and F32 masks
 //   adversarial     ties in |q| and in scores, fully and partly masked rows, S < k, S = 1,
 //                   r = D, l = k, large magnitudes, no reallocation, no tau
+//   row budget      k from each query row's own visible count, rows below min_vis dense
 //   dense           k >= S and l = 0 equals plain softmax attention
 //   NaN poison      every K^T row outside i1, every masked K^T entry, every K and V row outside
 //                   i2 is NaN: the output must stay finite and equal to the reference
@@ -29,6 +30,9 @@ namespace {
 struct Case {
     int D = 64, G = 3, Hkv = 2, nb = 1, S = 300;
     int r = 8, k = 32, l = 8;
+    float k_frac = 0.0f;  // > 0: each row's k from its own visible count (ggml_sparq_attn_set_budget)
+    int l_div = 0;        // with k_frac: > 0, each row's window is its k / l_div; 0: l, at most its k
+    int min_vis = 0;      // rows with fewer visible positions attend to all of them
     bool realloc = true, no_tau = false;
     bool kt_i8 = false;  // K^T as the fused op's I8 (ggml_sparq_quantize_kt), else K's type
     ggml_type tkv = GGML_TYPE_F16, tmask = GGML_TYPE_F16;
@@ -73,12 +77,20 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
     std::vector<int> vis;
     for (int p = 0; p < S; ++p) if (!std::isinf(M(p))) vis.push_back(p);
     const int n = (int) vis.size();
+    // the row's budget (docs/sparq.md): k and l as given, or its own share of its visible positions
+    int k = c.k, l = c.l;
+    if (n < c.min_vis) {
+        k = n; l = 0;
+    } else if (c.k_frac > 0) {
+        k = (int) std::clamp<long>(std::lround((double) c.k_frac * n), 1, c.k);
+        l = c.l_div > 0 ? k / c.l_div : std::min(c.l, k);
+    }
 
     std::vector<int> i1(D), i2;
     std::iota(i1.begin(), i1.end(), 0);
     std::vector<double> alpha(G, 1.0);
     std::vector<std::vector<double>> shat(G, std::vector<double>(S, 0.0));
-    if (n > c.k) {
+    if (n > k) {
         std::vector<double> a(D, 0.0);
         for (int hh = 0; hh < G; ++hh) for (int j = 0; j < D; ++j) a[j] += std::fabs(q(g*G + hh, j));
         std::stable_sort(i1.begin(), i1.end(), [&](int x, int y) { return a[x] > a[y]; });
@@ -109,11 +121,11 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
                 sum[p] += shat[hh][p];
             }
         }
-        std::vector<int> rest(vis.begin(), vis.end() - c.l);
+        std::vector<int> rest(vis.begin(), vis.end() - l);
         std::stable_sort(rest.begin(), rest.end(), [&](int x, int y) { return sum[x] > sum[y]; });
-        rest.resize(c.k - c.l);
+        rest.resize(k - l);
         i2 = rest;
-        i2.insert(i2.end(), vis.end() - c.l, vis.end());
+        i2.insert(i2.end(), vis.end() - l, vis.end());
         std::sort(i2.begin(), i2.end());
         for (int hh = 0; hh < G; ++hh) {
             alpha[hh] = 0;
@@ -147,7 +159,7 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
             out[(size_t) hh*D + j] = c.realloc ? alpha[hh]*ys + (1 - alpha[hh])*vm : ys;
         }
     }
-    if (i1_out) *i1_out = n > c.k ? i1 : std::vector<int>();
+    if (i1_out) *i1_out = n > k ? i1 : std::vector<int>();
     if (i2_out) *i2_out = i2;
 }
 
@@ -258,6 +270,9 @@ std::vector<float> run_op(const Case & c, const Data & d, const Data * poison = 
 
     const int flags = (c.realloc ? GGML_SPARQ_REALLOC : 0) | (c.no_tau ? GGML_SPARQ_NO_TAU : 0);
     ggml_tensor * out = ggml_sparq_attn(ctx, q, k, kt, v, vm, m, 1.0f/std::sqrt((float) D), c.r, c.k, c.l, flags);
+    if (c.k_frac > 0 || c.min_vis > 0) {
+        ggml_sparq_attn_set_budget(out, c.k_frac, c.l_div, c.min_vis);
+    }
     ggml_cgraph * gf = ggml_new_graph(ctx);
     ggml_build_forward_expand(gf, out);
     ggml_graph_compute_with_ctx(ctx, gf, c.threads);
@@ -342,8 +357,8 @@ void check(const Case & c, const Data & d, const std::vector<float> & got, bool 
         n_pass++;
     } else {
         n_fail++;
-        printf("FAIL %-10s %s: D=%d G=%d Hkv=%d nb=%d S=%d r=%d k=%d l=%d realloc=%d no_tau=%d kv=%s kt=%s mask=%s threads=%d: "
-               "max rel err %.3g%s\n", tag, c.what.c_str(), c.D, c.G, c.Hkv, c.nb, c.S, c.r, c.k, c.l, c.realloc, c.no_tau,
+        printf("FAIL %-10s %s: D=%d G=%d Hkv=%d nb=%d S=%d r=%d k=%d l=%d k_frac=%g l_div=%d min_vis=%d realloc=%d no_tau=%d kv=%s kt=%s mask=%s threads=%d: "
+               "max rel err %.3g%s\n", tag, c.what.c_str(), c.D, c.G, c.Hkv, c.nb, c.S, c.r, c.k, c.l, c.k_frac, c.l_div, c.min_vis, c.realloc, c.no_tau,
                ggml_type_name(c.tkv), c.kt_i8 ? "i8" : "kv", ggml_type_name(c.tmask), c.threads, rel, finite ? "" : " (non-finite output)");
     }
 }
@@ -437,6 +452,20 @@ int main() {
         for (int G : {1, 3}) { tc.G = G; run_ties(tc, gen); }
         tc.what = "ties-i8"; tc.kt_i8 = true;
         for (int G : {1, 3}) { tc.G = G; run_ties(tc, gen); }
+    }
+    // a budget per query row (several rows with their own visible lengths): k from each row's
+    // count (k_frac), rows below min_vis dense; a fixed k with min_vis
+    for (int G : {1, 4}) for (bool i8 : {false, true}) for (int t : {1, 3}) {
+        Case c; c.what = "row-budget"; c.G = G; c.nb = 6; c.S = 1200; c.r = 8; c.k_frac = 0.09f; c.k = 108; c.l = 27;
+        c.l_div = 4; c.min_vis = 300; c.kt_i8 = i8; c.threads = t;
+        run_case(c, gen);
+        run_case(c, gen, 1);
+        c.what = "row-budget-l"; c.l_div = 0; c.l = 20;
+        run_case(c, gen);
+        c.what = "row-budget-k"; c.k_frac = 0.0f; c.k = 64; c.l = 16; c.min_vis = 500;
+        run_case(c, gen);
+        c.what = "row-budget-poison"; c.k_frac = 0.05f; c.k = 60; c.l = 15; c.min_vis = 0; c.kt_i8 = false;  // NaN: float K^T only
+        run_poison(c, gen);
     }
     // dense: k >= S, l = 0
     for (int D : {64, 256}) for (int G : {1, 4}) {

@@ -88,7 +88,7 @@ static inline bool common_sparq_apply(llama_context * ctx, const common_sparq_pa
         return false;
     }
     if (st == LLAMA_SPARQ_DENSE) {
-        fprintf(stderr, "warning: no layer of this model can use SparQ: decoding stays dense\n");
+        fprintf(stderr, "warning: SparQ is not used: %s; decoding stays dense\n", llama_sparq_dense_reason());
     } else if (announce) {
         std::string given = sp.k > 0 ? "--sparq-k " + std::to_string(sp.k) : "--sparq-compression " + sp.compression_str;
         given += sp.r > 0 ? " --sparq-r " + std::to_string(sp.r) : "";

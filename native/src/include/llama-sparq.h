@@ -16,13 +16,17 @@ extern "C" {
 // Answers only from our library: it is how tests prove the fork is the one loaded.
 LLAMA_API const char * llama_sparq_version(void);
 
+// The sequence length from which SparQ replaces dense attention when min_ctx is -1 (below it the
+// reads SparQ saves do not pay for its selection).
+#define LLAMA_SPARQ_DEFAULT_MIN_CTX 512
+
 struct llama_sparq_params {
     int32_t k;           // positions read exactly per query (top-k), >= 1; 0: chosen by compression
     float   compression; // target fraction of dense attention's K/V reads, in (0, 1]; 0: fixed k
     int32_t r;           // query components for the approximate scores, 1..head size; 0: default
     int32_t l;           // local window kept in every selection, 0..k; -1: default (k/4)
     int32_t mean_realloc; // mean reallocation (alpha mix with the mean of V): -1 model default, 0 off, 1 on
-    int32_t min_ctx;     // SparQ replaces dense attention from this cache length (n_kv) on; -1: default
+    int32_t min_ctx;     // SparQ replaces dense attention once a sequence holds this many positions; -1: default
     int32_t layer_start; // first layer that may use SparQ
     int32_t layer_end;   // one past the last layer that may use SparQ; -1: up to the last layer
     bool    no_tau;      // ablation: scale the approximate scores by the dense scale instead of tau
@@ -50,7 +54,7 @@ enum llama_sparq_path {
 
 enum llama_sparq_status {
     LLAMA_SPARQ_OK              =   0,
-    LLAMA_SPARQ_DENSE           =   1, // accepted, but no layer of this model/cache can use SparQ: decoding stays dense
+    LLAMA_SPARQ_DENSE           =   1, // accepted, but SparQ cannot run here (llama_sparq_dense_reason): decoding stays dense
     LLAMA_SPARQ_ROTATED         =   2, // llama_sparq_prepare_cache: the cache already holds Hadamard-rotated keys
     LLAMA_SPARQ_ERR_NULL        =  -1, // ctx is NULL
     LLAMA_SPARQ_ERR_K           =  -2, // k < 0, or neither k nor compression given
@@ -114,6 +118,11 @@ LLAMA_API const char * llama_sparq_layer_device(const struct llama_context * ctx
 
 // A short description of a llama_sparq_status value.
 LLAMA_API const char * llama_sparq_strerror(int32_t status);
+
+// Why the last llama_sparq_set of this thread returned LLAMA_SPARQ_DENSE: no layer of the model
+// or cache can take SparQ (and which reason), or the context holds fewer positions per sequence
+// than min_ctx, so that SparQ would never run (nothing is allocated then). "" after any other result.
+LLAMA_API const char * llama_sparq_dense_reason(void);
 
 #ifdef __cplusplus
 }

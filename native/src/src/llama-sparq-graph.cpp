@@ -12,6 +12,7 @@
 #include "llama-kv-cache-iswa.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -30,6 +31,7 @@ public:
     std::shared_ptr<llama_sparq_kv> st;  // keeps the mirror alive as long as the graph
     uint32_t generation = 0;
     uint32_t n_kv       = 0;
+    int64_t  n_plan     = 0;             // the portable graph's: the longest visible sequence of the ubatch
     bool     use_op     = false;         // this ubatch takes SparQ
 
     ggml_tensor * kt_idxs = nullptr;     // I64 [n_tokens*n_embd_kt]: mirror element of each K element
@@ -41,7 +43,7 @@ public:
     ggml_tensor * vis_rank = nullptr;    // F32 [n_kv, n_tokens]
     std::map<std::pair<int64_t, int32_t>, ggml_tensor *> bias;  // (stream, l): mask + window bonus
 
-    struct layer_info { int64_t n_head_kv, r, k; llama_sparq_bytes bytes; double vmean_bytes; };
+    struct layer_info { int64_t n_head_kv, d; llama_sparq_layer_cfg cfg; llama_sparq_bytes bytes; double vmean_bytes; bool fused; };
     std::vector<layer_info> layers;      // SparQ layers of this graph, for the read estimate
 };
 
@@ -66,6 +68,23 @@ static bool use_sparq(const llama_sparq_kv & st, const llama_ubatch & ub, const 
         return false;
     }
     return !(st.params.k > 0 && st.params.k >= (int64_t) n_kv); // every position would be read
+}
+
+// The most positions a token of the ubatch sees (its sequence's cells up to its position): what
+// the portable graph plans its one k on, so that a sequence alone reads what the fused op reads.
+static int64_t longest_visible(const llama_kv_cache & kv, const llama_ubatch & ub, uint32_t n_kv) {
+    int64_t out = 1;
+    for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+        const llama_seq_id q = ub.seq_id[i][0];
+        const llama_pos    p = ub.pos[i];
+        const auto & cells = cache_internals::cells(kv, kv.get_stream(q));
+        int64_t n = 0;
+        for (uint32_t c = 0; c < n_kv; ++c) {
+            n += !cells.is_empty(c) && cells.seq_has(c, q) && cells.pos_get(c) <= p;
+        }
+        out = std::max(out, n);
+    }
+    return out;
 }
 
 // The ubatch's K into an I8 mirror (a: [kv_size, n_head*(d + 1), n_stream]), quantized per cell
@@ -117,6 +136,7 @@ llm_graph_input_sparq * llama_sparq_build_input(
     inp->generation = kv->sparq->generation;
     inp->n_kv       = mctx->get_n_kv();
     inp->use_op     = use_sparq(*kv->sparq, ubatch, cparams, inp->n_kv);
+    inp->n_plan     = inp->use_op && kv->sparq->n_ops > 0 ? longest_visible(*kv, ubatch, inp->n_kv) : inp->n_kv;
 
     inp->kt_idxs = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, (int64_t) ubatch.n_tokens*kv->sparq->n_embd_kt);
     ggml_set_input(inp->kt_idxs);
@@ -153,6 +173,18 @@ bool llm_graph_input_sparq::can_reuse(const llm_graph_params & params) {
     }
     if (use_sparq(*st, params.ubatch, params.cparams, n_kv) != use_op) {
         return false;
+    }
+    if (use_op && st->n_ops > 0) {
+        // the portable graph's k follows the longest sequence: a new graph when k or l changes
+        const int64_t plan = longest_visible(*cache_internals::kv(m), params.ubatch, n_kv);
+        for (const auto & li : layers) {
+            if (!li.fused) {
+                const llama_sparq_layer_cfg c = llama_sparq_resolve(st->params, li.d, plan, &li.bytes);
+                if (c.k != li.cfg.k || c.l != li.cfg.l) {
+                    return false;
+                }
+            }
+        }
     }
     mctx = m;
     return true;
@@ -219,14 +251,27 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
         }
     }
 
-    // 5. counters
+    // 5. counters: what each query read, with its own budget (the fused op's query_budget: a
+    // sequence shorter than min_ctx attends densely; the portable graph selects k for every query)
     if (use_op) {
-        st->stats.n_tokens_sparq += ubatch->n_tokens;
+        const bool all_fused = std::all_of(layers.begin(), layers.end(), [](const layer_info & li) { return li.fused; });
         for (uint32_t i = 0; i < ubatch->n_tokens; ++i) {
             const int64_t S = n_vis[i] > 0 ? n_vis[i] : std::min<int64_t>((int64_t) ubatch->pos[i] + 1, n_kv);
+            if (all_fused && S < st->min_ctx) {
+                st->stats.n_tokens_dense += 1;
+                continue;
+            }
+            st->stats.n_tokens_sparq += 1;
             for (const auto & li : layers) {
-                const int64_t kk = std::min<int64_t>(li.k, S);
-                st->stats.bytes_attn_sparq += li.n_head_kv*(S*(li.r*li.bytes.mirror_elem + li.bytes.mirror_pos) + kk*li.bytes.kv_row + li.vmean_bytes);
+                const auto & c = li.cfg;
+                const int64_t kk = !li.fused ? std::min<int64_t>(c.k, S)
+                                 : S < c.min_vis ? S
+                                 : c.k_frac > 0.0f ? std::clamp<int64_t>(std::lround((double) c.k_frac*S), 1, c.k) : std::min<int64_t>(c.k, S);
+                if (li.fused && kk >= S) {
+                    st->stats.bytes_attn_sparq += li.n_head_kv*(S*li.bytes.kv_row);  // every row, as dense
+                } else {
+                    st->stats.bytes_attn_sparq += li.n_head_kv*(S*(c.r*li.bytes.mirror_elem + li.bytes.mirror_pos) + kk*li.bytes.kv_row + li.vmean_bytes);
+                }
                 st->stats.bytes_attn_dense += li.n_head_kv*(S*li.bytes.kv_row);
             }
         }
@@ -322,12 +367,15 @@ ggml_tensor * llama_sparq_build_attn(
         vmean = ggml_reshape_4d(ctx0, vmean, v_cur->ne[0], n_head_kv, n_tokens/ns, ns);
     }
 
+    // the fused op: k for the cache length (each query then takes its own share); the portable
+    // graph, one k for all its queries: the longest sequence's
     const llama_sparq_bytes bytes = llama_sparq_layer_bytes(kt->type, k->type, v->type, d, v->ne[0]);
-    const llama_sparq_layer_cfg cfg = llama_sparq_resolve(st.params, d, inp->n_kv, &bytes);
-    inp->layers.push_back({ n_head_kv, cfg.r, cfg.k, bytes, st.realloc ? v->ne[0]*sizeof(float) : 0.0 });
+    const llama_sparq_layer_cfg cfg = llama_sparq_resolve(st.params, d, st.ops[ikv] ? inp->n_plan : inp->n_kv, &bytes);
+    inp->layers.push_back({ n_head_kv, d, cfg, bytes, st.realloc ? v->ne[0]*sizeof(float) : 0.0, !st.ops[ikv] });
 
     if (!st.ops[ikv]) {
         ggml_tensor * cur = ggml_sparq_attn(ctx0, q4, k4, kt4, v4, vmean, kq_mask, kq_scale, cfg.r, cfg.k, cfg.l, flags);
+        ggml_sparq_attn_set_budget(cur, cfg.k_frac, cfg.l_div, cfg.min_vis);  // each sequence by its own length
         return ggml_reshape_2d(ctx0, cur, cur->ne[0]*cur->ne[1], cur->ne[2]*cur->ne[3]);
     }
 

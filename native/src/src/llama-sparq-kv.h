@@ -48,11 +48,19 @@ struct llama_sparq_access {
 
 using cache_internals = llama_sparq_access;
 
-// r, k and l of one layer for a cache of n_kv positions (llama-sparq.cpp)
+// r, k and l of one layer for n visible positions (llama-sparq.cpp). The fused op then lets each
+// query select its own share of its own visible positions (ggml_sparq_attn_set_budget): k_frac
+// of them with a compression (k is then the most a query of n positions selects), a window of
+// k/l_div (l_div > 0: the default k/4) or of l; a query with fewer than min_vis visible positions
+// attends to all of them (min_ctx, and for a fixed k the length below which SparQ would read no
+// less than dense)
 struct llama_sparq_layer_cfg {
     int32_t r;
     int32_t k;
     int32_t l;
+    float   k_frac;
+    int32_t l_div;
+    int32_t min_vis;
 };
 
 // What one position costs to read, per KV head, for sparq_stats() and the planning of an INT8

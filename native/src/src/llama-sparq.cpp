@@ -15,8 +15,10 @@
 #include "ggml-cpp.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <memory>
+#include <string>
 #include <vector>
 
 #ifndef SPARQ_CPP_VERSION
@@ -26,8 +28,12 @@
 #define SPARQ_UPSTREAM_COMMIT "0c1e570"
 #endif
 
-// Default cache length from which SparQ replaces dense attention (measured: docs/results.md, decode speed at 512).
-static constexpr int32_t SPARQ_DEFAULT_MIN_CTX = 512;
+// why the last llama_sparq_set of this thread left decoding dense (llama_sparq_dense_reason)
+static thread_local std::string g_dense_reason;
+
+const char * llama_sparq_dense_reason(void) {
+    return g_dense_reason.c_str();
+}
 
 const char * llama_sparq_version(void) {
     return "sparq-cpp " SPARQ_CPP_VERSION " (llama.cpp " SPARQ_UPSTREAM_COMMIT ")";
@@ -55,13 +61,21 @@ llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t 
         // half of the budget to step 2 (r/(2d) = c/2), half to the exact step (k/S = c/2)
         c.r = (int32_t) std::clamp<int64_t>(std::lround(p.compression*d), 1, d);
     }
+    const double share = step2_share(c.r, d, bytes);
+    const int32_t min_ctx = p.min_ctx == -1 ? LLAMA_SPARQ_DEFAULT_MIN_CTX : p.min_ctx;
     if (p.k > 0) {
         c.k = p.k;
+        c.k_frac = 0.0f;
+        // below k/(1 - share) visible positions SparQ would read at least what dense attention reads
+        c.min_vis = std::max<int32_t>(min_ctx, share < 1.0 ? (int32_t) std::min<double>(p.k/(1.0 - share), INT32_MAX - 1) + 1 : INT32_MAX);
     } else {
-        const double fk = p.compression - step2_share(c.r, d, bytes);
+        const double fk = p.compression - share;
         c.k = (int32_t) std::max<int64_t>(1, std::lround(fk*n_kv));
+        c.k_frac = (float) std::max(0.0, fk);
+        c.min_vis = min_ctx;
     }
     c.l = p.l >= 0 ? std::min(p.l, c.k) : c.k/4;
+    c.l_div = p.l >= 0 ? 0 : 4;
     return c;
 }
 
@@ -238,7 +252,7 @@ struct llama_sparq_params llama_sparq_default_params(void) {
 const char * llama_sparq_strerror(int32_t status) {
     switch (status) {
         case LLAMA_SPARQ_OK:              return "ok";
-        case LLAMA_SPARQ_DENSE:           return "no layer of this model or cache can use SparQ; decoding stays dense";
+        case LLAMA_SPARQ_DENSE:           return "SparQ cannot run with this model, cache or context (llama_sparq_dense_reason); decoding stays dense";
         case LLAMA_SPARQ_ROTATED:         return "the cache already holds Hadamard-rotated keys";
         case LLAMA_SPARQ_ERR_NULL:        return "context is NULL";
         case LLAMA_SPARQ_ERR_K:           return "k must be >= 1 (or 0 with a compression)";
@@ -298,6 +312,7 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     if (ctx == nullptr) {
         return LLAMA_SPARQ_ERR_NULL;
     }
+    g_dense_reason.clear();
     int32_t n_layers_all = 0;
     llama_kv_cache * kv = sparq_cache(ctx, &n_layers_all);
 
@@ -319,7 +334,8 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
         return err;
     }
     if (kv == nullptr || cache_internals::shares_cells(*kv)) {
-        LLAMA_LOG_WARN("%s: this model's memory is not a plain KV cache; SparQ is not used, decoding stays dense\n", __func__);
+        g_dense_reason = "this model's memory is not a plain KV cache (recurrent, hybrid or shared-cell memory)";
+        LLAMA_LOG_WARN("%s: %s; decoding stays dense\n", __func__, g_dense_reason.c_str());
         return LLAMA_SPARQ_DENSE;
     }
     if (cache_internals::v_trans(*kv)) {
@@ -378,12 +394,21 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
             return LLAMA_SPARQ_ERR_COMPRESSION;
         }
     }
+    // a context shorter than min_ctx per sequence would never take SparQ: say so, allocate nothing
+    const int32_t min_ctx = params->min_ctx == -1 ? LLAMA_SPARQ_DEFAULT_MIN_CTX : params->min_ctx;
+    std::string reason;
     if (std::none_of(eligible.begin(), eligible.end(), [](bool b) { return b; })) {
-        LLAMA_LOG_WARN("%s: no layer can use SparQ (%s); decoding stays dense\n", __func__,
-                why_not ? why_not : "none in the layer range");
+        reason = std::string("no layer can use SparQ (") + (why_not ? why_not : "none in the layer range") + ")";
+    } else if (kv->get_size() < (uint32_t) min_ctx) {
+        reason = "the context holds " + std::to_string(kv->get_size()) + " positions per sequence, fewer than min_ctx " +
+                 std::to_string(min_ctx) + " (the sequence length from which SparQ replaces dense attention)";
+    }
+    if (!reason.empty()) {
         if (kv->sparq && kv->sparq->enabled) {
             llama_sparq_set(ctx, nullptr);
         }
+        g_dense_reason = reason;
+        LLAMA_LOG_WARN("%s: %s; decoding stays dense\n", __func__, reason.c_str());
         return LLAMA_SPARQ_DENSE;
     }
 
@@ -413,13 +438,13 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
 
     st.params   = *params;
     st.realloc  = realloc;
-    st.min_ctx  = params->min_ctx == -1 ? SPARQ_DEFAULT_MIN_CTX : params->min_ctx;
+    st.min_ctx  = min_ctx;
     st.enabled  = true;
     st.generation++;
     ctx->sparq_need_reserve();
 
     const long n_i8 = std::count(kt_types.begin(), kt_types.end(), GGML_TYPE_I8);
-    LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers, %d of them through the portable graph, %ld with an int8 K^T mirror (%s %g, r %d, l %d, reallocation %s, from n_kv %d)%s%s\n",
+    LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers, %d of them through the portable graph, %ld with an int8 K^T mirror (%s %g, r %d, l %d, reallocation %s, from %d positions)%s%s\n",
             __func__, st.n_eligible, n_layers_all, st.n_ops, n_i8, params->k > 0 ? "k" : "compression",
             params->k > 0 ? (double) params->k : (double) params->compression, params->r, params->l,
             realloc ? "on" : "off", st.min_ctx, why_not ? "; others dense: " : "", why_not ? why_not : "");

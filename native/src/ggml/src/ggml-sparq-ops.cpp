@@ -5,9 +5,18 @@
 // Each step reads only what SparQ reads: r rows of the K^T mirror (step 2), and the k chosen rows
 // of K and V, gathered before the attention (step 5), so the bytes read fall with the budget.
 #include "ggml.h"
+#include "ggml-impl.h"
 
 #include <algorithm>
 #include <cmath>
+
+void ggml_sparq_attn_set_budget(struct ggml_tensor * a, float k_frac, int32_t l_div, int32_t min_vis) {
+    GGML_ASSERT(a->op == GGML_OP_SPARQ_ATTN);
+    GGML_ASSERT(k_frac >= 0.0f && k_frac <= 1.0f && l_div >= 0 && min_vis >= 0);
+    ggml_set_op_params_f32(a, 6, k_frac);
+    ggml_set_op_params_i32(a, 7, l_div);
+    ggml_set_op_params_i32(a, 8, min_vis);
+}
 
 struct ggml_tensor * ggml_sparq_window_bias(
         struct ggml_context * ctx,

@@ -15,7 +15,9 @@
 
 #include "common-sparq.h"
 #include "llama.h"
+#include "llama-sparq.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
@@ -65,7 +67,7 @@ static void sparq_bench_print_usage() {
     printf("  --sparq-k <n>                             (default: 0) positions read exactly per token, instead\n");
     printf("  --sparq-r <n>                             (default: 0 = from the budget) query components\n");
     printf("  --sparq-l <n>                             (default: -1 = k/4) local window\n");
-    printf("  --sparq-min-ctx <n>                       (default: -1 = library default) SparQ from this cache length on\n");
+    printf("  --sparq-min-ctx <n>                       (default: -1 = 512) SparQ once a sequence holds this many tokens\n");
     printf("  --sparq-realloc <0|1>                     (default: -1 = the model's) mean reallocation\n");
 }
 
@@ -174,6 +176,30 @@ static std::vector<Instance> sparq_bench_expand(const std::vector<Instance> & in
     }
     if (skipped) {
         fprintf(stderr, "warning: SparQ needs flash attention: with -fa 0 only the dense rows run\n");
+    }
+    // SparQ replaces dense attention in generation once a sequence holds min_ctx positions: say
+    // once which rows stay below it (and so decode densely) and why
+    std::vector<std::string> short_rows;
+    int min_ctx_short = 0;
+    for (const auto & inst : out) {
+        if (inst.sparq.dense() || inst.n_gen <= 0) {
+            continue;
+        }
+        const int min_ctx = inst.sparq.p.min_ctx >= 0 ? inst.sparq.p.min_ctx : LLAMA_SPARQ_DEFAULT_MIN_CTX;
+        const int longest = inst.n_depth + inst.n_prompt + inst.n_gen;
+        const std::string row = "tg" + std::to_string(inst.n_gen) + " @ d" + std::to_string(inst.n_depth);
+        if (longest < min_ctx && std::find(short_rows.begin(), short_rows.end(), row) == short_rows.end()) {
+            short_rows.push_back(row);
+            min_ctx_short = min_ctx;
+        }
+    }
+    if (!short_rows.empty()) {
+        std::string rows;
+        for (const auto & r : short_rows) {
+            rows += (rows.empty() ? "" : ", ") + r;
+        }
+        fprintf(stderr, "warning: SparQ rows of %s decode densely: their sequences stay below SparQ's min_ctx (%d), "
+                "the length from which it replaces dense attention (use -d, or --sparq-min-ctx)\n", rows.c_str(), min_ctx_short);
     }
     return out;
 }

@@ -12,6 +12,7 @@
 #include "vec.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -21,6 +22,9 @@ struct sparq_dims {
     int64_t D, Dv, n_kv, n_batch, n_head, n_head_kv, G, ne3, n_items;
     int     r, k_top, l, flags;
     float   scale;
+    float   k_frac;   // > 0: each query's k from its own visible count (ggml_sparq_attn_set_budget)
+    int     l_div;    // with k_frac: > 0, each query's window is its k / l_div; 0: l (at most its k)
+    int     min_vis;  // a query with fewer visible positions attends to all of them
 };
 
 inline sparq_dims get_dims(const ggml_tensor * dst) {
@@ -42,7 +46,27 @@ inline sparq_dims get_dims(const ggml_tensor * dst) {
     d.k_top     = ggml_get_op_params_i32(dst, 2);
     d.l         = std::min(ggml_get_op_params_i32(dst, 4), d.k_top);
     d.flags     = ggml_get_op_params_i32(dst, 5);
+    d.k_frac    = ggml_get_op_params_f32(dst, 6);  // 0 unless set: k_top and l for every query
+    d.l_div     = ggml_get_op_params_i32(dst, 7);
+    d.min_vis   = ggml_get_op_params_i32(dst, 8);
     return d;
+}
+
+// The selection size k and local window l of a query with n_vis visible positions: k_top and l,
+// or with a budget per query round(k_frac*n_vis) in 1..k_top and a window of k/l_div (l_div > 0)
+// or of l (at most k); every visible position (k = n_vis) below min_vis. The query is dense
+// when k >= n_vis.
+inline void query_budget(const sparq_dims & d, int64_t n_vis, int32_t & k, int32_t & l) {
+    if (n_vis < d.min_vis) {
+        k = (int32_t) n_vis;
+        l = 0;
+    } else if (d.k_frac > 0.0f) {
+        k = (int32_t) std::clamp<int64_t>(std::lround((double) d.k_frac*n_vis), 1, d.k_top);
+        l = d.l_div > 0 ? k/d.l_div : std::min(d.l, k);
+    } else {
+        k = d.k_top;
+        l = d.l;
+    }
 }
 
 inline float mask_at(const ggml_tensor * mask, const char * row, int64_t i) {

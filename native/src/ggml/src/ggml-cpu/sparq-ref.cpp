@@ -61,10 +61,12 @@ void attn_ref(const ggml_tensor * dst) {
             }
         }
         const int64_t n_vis = (int64_t) vis.size();
+        int32_t k_top, l;
+        query_budget(d, n_vis, k_top, l);
         std::vector<int64_t> sel;
         std::vector<double> alpha(d.G, 1.0);
         std::vector<std::vector<double>> shat(d.G, std::vector<double>(n_vis, 0.0));
-        if (n_vis <= d.k_top) {
+        if (n_vis <= k_top) {
             sel = vis;
         } else {
             std::vector<double> a(d.D, 0.0);
@@ -101,11 +103,11 @@ void attn_ref(const ggml_tensor * dst) {
             }
             // local window: the last l visible positions; then the best of the rest
             std::vector<char> chosen(n_vis, 0);
-            for (int64_t i = std::max<int64_t>(0, n_vis - d.l); i < n_vis; ++i) chosen[i] = 1;
+            for (int64_t i = std::max<int64_t>(0, n_vis - l); i < n_vis; ++i) chosen[i] = 1;
             std::vector<int64_t> rest;
-            for (int64_t i = 0; i < n_vis - d.l; ++i) rest.push_back(i);
+            for (int64_t i = 0; i < n_vis - l; ++i) rest.push_back(i);
             std::stable_sort(rest.begin(), rest.end(), [&](int64_t x, int64_t y) { return gsum[x] > gsum[y]; });
-            for (int64_t i = 0; i < d.k_top - d.l; ++i) chosen[rest[i]] = 1;
+            for (int64_t i = 0; i < k_top - l; ++i) chosen[rest[i]] = 1;
             for (int64_t hh = 0; hh < d.G; ++hh) {
                 alpha[hh] = 0;
                 for (int64_t i = 0; i < n_vis; ++i) if (chosen[i]) alpha[hh] += shat[hh][i];

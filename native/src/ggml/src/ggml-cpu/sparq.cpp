@@ -55,6 +55,8 @@ struct item_info {
     int32_t p_hi;     // one past the last visible position
     int32_t t_local;  // visible positions >= t_local form the local window
     int32_t n_sel;    // selected positions (written by A for dense items, by E otherwise)
+    int32_t k;        // positions to select (query_budget)
+    int32_t l;        // of them, the local window
 };
 
 size_t align16(size_t n) { return (n + 15) & ~size_t(15); }
@@ -191,7 +193,8 @@ struct sparq_run {
             int32_t n_vis, p_lo, p_hi;
             scan_visible(mask, mrow, S, n_vis, p_lo, p_hi);
             inf.n_vis = n_vis; inf.p_lo = p_lo; inf.p_hi = p_hi;
-            inf.dense = n_vis <= d.k_top;
+            query_budget(d, n_vis, inf.k, inf.l);
+            inf.dense = n_vis <= inf.k;
             int32_t * isel = sel + it*S;
             if (inf.dense) {
                 int32_t n = 0;
@@ -203,7 +206,7 @@ struct sparq_run {
             }
             // local window: the last l visible positions
             int32_t t_local = p_hi, seen = 0;
-            for (int64_t p = p_hi - 1; p >= p_lo && seen < d.l; --p) {
+            for (int64_t p = p_hi - 1; p >= p_lo && seen < inf.l; --p) {
                 if (!masked_at(mask, mrow, p)) { t_local = (int32_t) p; seen++; }
             }
             inf.t_local = t_local;
@@ -421,7 +424,7 @@ struct sparq_run {
             item_info & inf = info[it];
             if (inf.dense) continue;
             // thread t's histogram of this item: hists + ((t*I + it) << hbits)
-            inf.n_sel = select_top_k(gsall + it*S, inf.p_lo, inf.p_hi, d.k_top, sel + it*S,
+            inf.n_sel = select_top_k(gsall + it*S, inf.p_lo, inf.p_hi, inf.k, sel + it*S,
                                      hists + ((size_t) it << o.hbits), (size_t) I << o.hbits, nth, o.hbits, cand);
         }
     }
