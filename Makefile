@@ -1,9 +1,10 @@
 # sparq-cpp: the two commands are `make demo` and `make test`; each sets itself up on a fresh clone.
 #
-#   make demo      .venv + build, then the default model (smollm2-135m) answers a long essay, dense and SparQ
-#   make test      .venv + build (with the op tests), then pytest
-#   make build     (re)build the native library into sparq_cpp/lib and llama.cpp's tools into sparq_cpp/bin (incremental)
-#   make tools     the same: llama-bench, llama-cli, llama-server from the fork, with --sparq-* flags
+#   make demo      .venv + the library alone, then the default model (smollm2-135m) answers a long essay, dense and SparQ
+#   make test      .venv + build (with the op tests and the tools), then pytest
+#   make lib       (re)build the native library into sparq_cpp/lib (incremental): what Python and the demo need
+#   make build     the same, plus the op tests and llama.cpp's tools into sparq_cpp/bin (incremental)
+#   make tools     the same as build: llama-bench, llama-cli, llama-server from the fork, with --sparq-* flags
 #   make bench-op  the SparQ op benchmark against dense attention (scripts/bench_op.py)
 #   make sanitize  AddressSanitizer + UBSan build (build/sanitize), then the op and cache tests on it
 #   make test-avx2 the whole test suite again on an AVX2-only build (build/avx2, AVX-512 off)
@@ -21,7 +22,7 @@ UP_PKG := $(call upstream,SPARQ_UPSTREAM_PACKAGE)
 UP_VER := $(call upstream,SPARQ_UPSTREAM_VERSION)
 UP_SHA := $(call upstream,SPARQ_UPSTREAM_SHA256)
 
-.PHONY: setup build tools demo test test-avx2 test-arm test-vulkan bench-op sanitize clean
+.PHONY: setup lib build tools demo test test-avx2 test-arm test-vulkan bench-op sanitize clean
 
 # The virtual environment: re-created when missing or broken, refreshed when the pinned
 # requirements change. llama-cpp-python is installed from the same pinned source tarball as our
@@ -37,16 +38,23 @@ $(STAMP): pyproject.toml requirements-dev.txt native/upstream.cmake
 
 setup: $(STAMP)
 
-build: $(STAMP)
+PIP_E := CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(VPY) -m pip install --quiet --disable-pip-version-check \
+  --no-build-isolation --no-deps -e .
+
+# the library alone; a build folder that has the tests and tools keeps building them (CMake's cache)
+lib: $(STAMP)
 	@echo "building the native library into sparq_cpp/lib (a clean build takes a few minutes on 2 cores) ..."
-	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(VPY) -m pip install --quiet --disable-pip-version-check \
-	  --no-build-isolation --no-deps -e . -Ccmake.define.SPARQ_BUILD_TESTS=ON -Ccmake.define.SPARQ_BUILD_TOOLS=ON
+	$(PIP_E)
+
+build: $(STAMP)
+	@echo "building the native library, the op tests and llama.cpp's tools (a clean build takes about 8 minutes on 2 cores) ..."
+	$(PIP_E) -Ccmake.define.SPARQ_BUILD_TESTS=ON -Ccmake.define.SPARQ_BUILD_TOOLS=ON
 
 # llama.cpp's llama-bench, llama-cli and llama-server with --sparq-* into sparq_cpp/bin (part of build)
 tools: build
 
 # a long essay answered with dense attention and with SparQ 1/8: both answers, both decode speeds
-demo: build
+demo: lib
 	$(VENV)/bin/sparq-cpp info
 	$(VENV)/bin/sparq-cpp demo -m smollm2-135m
 

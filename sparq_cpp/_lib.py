@@ -96,12 +96,14 @@ int32_t llama_sparq_get(const struct llama_context * ctx, struct llama_sparq_par
 int32_t llama_sparq_stats_get(const struct llama_context * ctx, struct llama_sparq_stats * stats);
 void    llama_sparq_stats_reset(struct llama_context * ctx);
 const char * llama_sparq_strerror(int32_t status);
+const char * llama_sparq_dense_reason(void);
 const char * llama_sparq_layer_device(const struct llama_context * ctx, int32_t il);
 
 size_t ggml_backend_dev_count(void);
 void * ggml_backend_dev_get(size_t index);
 const char * ggml_backend_dev_name(void * device);
 const char * ggml_backend_dev_description(void * device);
+int ggml_backend_dev_type(void * device);
 void * ggml_backend_rpc_add_server(const char * endpoint);
 void ggml_backend_register(void * reg);
 int64_t llama_sparq_check(const struct llama_context * ctx, float * max_rel_err_v);
@@ -150,6 +152,19 @@ def backend_devices() -> list:
         dev = lib.ggml_backend_dev_get(i)
         out.append((ffi.string(lib.ggml_backend_dev_name(dev)).decode(),
                     ffi.string(lib.ggml_backend_dev_description(dev)).decode()))
+    return out
+
+
+def gpu_devices() -> list:
+    """(name, description) of the GPU devices (dedicated or integrated) of the loaded library: none
+    on a CPU-only build, whatever llama_supports_gpu_offload says (it is true whenever the RPC
+    backend is built)."""
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if lib.ggml_backend_dev_type(dev) in (1, 2):  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+            out.append((ffi.string(lib.ggml_backend_dev_name(dev)).decode(),
+                        ffi.string(lib.ggml_backend_dev_description(dev)).decode()))
     return out
 
 

@@ -42,8 +42,15 @@ def parse_setting(text: str) -> Tuple[str, Optional[dict]]:
             raise ValueError(f"setting {text!r}: a suffix must be one of :{', :'.join(SPARQ_PATHS)}, :float")
     suffix = "".join(f" {sfx}" for sfx in suffixes)
     if t.startswith("k="):
-        return f"k={int(t[2:])}{suffix}", {"k": int(t[2:]), **extra}
-    return f"{t}{suffix}", {"compression": parse_compression(t), **extra}
+        try:
+            k = int(t[2:])
+        except ValueError:
+            raise ValueError(f"setting {text!r}: k= takes an integer, such as k=64") from None
+        label, kw = f"k={k}{suffix}", {"k": k, **extra}
+    else:
+        label, kw = f"{t}{suffix}", {"compression": parse_compression(t), **extra}
+    SparqParams(**kw)  # the same checks as everywhere: ValueError naming the setting
+    return label, kw
 
 
 class DecodeContext:
@@ -59,8 +66,20 @@ class DecodeContext:
     def prefill(self, tokens: List[int]) -> None:
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
-        self.llm.eval(tokens)
+        if tokens:
+            self.llm.eval(tokens)
         self.depth = len(tokens)
+
+    def prompt(self, tokens: List[int]) -> float:
+        """tokens/s processing these as one prompt batch after the prefill; the cache is restored after."""
+        arr = (llama_cpp.llama_token * len(tokens))(*tokens)
+        t0 = time.perf_counter()
+        if llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(tokens))) != 0:
+            raise RuntimeError("llama_decode failed")
+        llama_cpp.llama_synchronize(self.ctx)
+        dt = time.perf_counter() - t0
+        llama_cpp.llama_memory_seq_rm(self.mem, 0, self.depth, -1)
+        return len(tokens) / dt
 
     def decode(self, tokens: List[int]) -> float:
         """tokens/s decoding these one at a time after the prefill; the cache is restored after."""
@@ -76,9 +95,31 @@ class DecodeContext:
         return len(tokens) / dt
 
 
+def check(model: str, depths: List[int], n_gen: int, n_prompt: int = 0) -> int:
+    """Before any context is made: the model resolves to a GGUF file, and the essays give tokens
+    enough for the deepest depth plus the timed tokens (ValueError otherwise). Returns that count."""
+    from llama_cpp._internals import LlamaModel
+
+    from .models import essays_text, model_path
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True  # the tokenizer alone: no weights, no context
+    vocab = LlamaModel(path_model=model_path(model), params=params, verbose=False)
+    try:
+        n = len(vocab.tokenize(essays_text().encode(), add_bos=True, special=False))
+    finally:
+        vocab.close()
+    need = max(depths) + max(n_gen, n_prompt)
+    if need > n:
+        raise ValueError(f"depth {max(depths)} + {max(n_gen, n_prompt)} timed tokens needs {need} tokens of text; "
+                         f"the essays give {n} with this model's tokenizer: use a smaller -d")
+    return n
+
+
 def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen: int, reps: int,
         out: Optional[str], plot: bool = True, progress: bool = True,
-        cache_type_k: str = "f16", cache_type_v: str = "f16", n_gpu_layers: int = 0) -> dict:
+        cache_type_k: str = "f16", cache_type_v: str = "f16", n_gpu_layers: int = 0,
+        n_prompt: int = 0, fmt: str = "md") -> dict:
     from tqdm import tqdm
 
     from .llama import Llama
@@ -88,8 +129,8 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
     if ("dense", None) not in parsed:
         parsed.insert(0, ("dense", None))
     text = essays_text()
-    n_ctx = max(depths) + n_gen + 64
-    common = dict(n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+    n_ctx = max(depths) + max(n_gen, n_prompt) + 64
+    common = dict(n_ctx=n_ctx, n_batch=max(2048, n_prompt), n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                   n_gpu_layers=n_gpu_layers, verbose=False, type_k=cache_type(cache_type_k), type_v=cache_type(cache_type_v))
     # llama.cpp stores a quantized V only with flash attention on: then that is the one dense path
     fa_off = None if v_needs_flash_attn(cache_type_v) else DecodeContext(Llama(model, **common))
@@ -104,8 +145,8 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
         ref = [("dense f16 FA off", DecodeContext(Llama(model, **f16))),
                ("dense f16 FA on", DecodeContext(Llama(model, flash_attn=True, **f16)))]
     toks = fa_on.llm.tokenize(text.encode())
-    if len(toks) < max(depths) + n_gen:
-        raise ValueError(f"the essays give {len(toks)} tokens, fewer than depth {max(depths)} + {n_gen}")
+    if len(toks) < max(depths) + max(n_gen, n_prompt):
+        raise ValueError(f"the essays give {len(toks)} tokens, fewer than depth {max(depths)} + {max(n_gen, n_prompt)}")
 
     # (label, context, sparq kwargs); dense appears twice: flash attention off and on
     kv = "" if not ref else (cache_type_k if cache_type_k == cache_type_v else f"{cache_type_k}/{cache_type_v}") + " "
@@ -121,7 +162,9 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
             if c:
                 c.prefill(toks[:depth])
         gen = toks[depth:depth + n_gen]
+        prompt = toks[depth:depth + n_prompt]
         times = {lab: [] for lab, _, _ in runs}
+        pp_times = {lab: [] for lab, _, _ in runs}
         sparq_tok = {}
         for rep in range(reps):
             order = runs[rep % len(runs):] + runs[:rep % len(runs)]
@@ -134,38 +177,75 @@ def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen:
                 times[lab].append(c.decode(gen))
                 if kw:  # below min_ctx SparQ falls back to dense: say so in the table
                     sparq_tok[lab] = c.llm.sparq_stats()["n_tokens_sparq"] / len(gen)
+                if prompt:
+                    pp_times[lab].append(c.prompt(prompt))
                 bar.update(1)
         med = {lab: statistics.median(v) for lab, v in times.items()}
         best = max(med[lab] for lab, _, kw in runs if kw is None)
+        pp_med = {lab: statistics.median(v) for lab, v in pp_times.items() if v}
         for lab, _, kw in runs:
-            rows.append({"depth": depth, "setting": lab, "tokens_per_s": med[lab],
-                         "min": min(times[lab]), "max": max(times[lab]), "runs": times[lab],
-                         "x_best_dense": med[lab] / best, "sparq": kw,
-                         "sparq_token_fraction": sparq_tok.get(lab)})
+            row = {"depth": depth, "setting": lab, "tokens_per_s": med[lab],
+                   "min": min(times[lab]), "max": max(times[lab]), "runs": times[lab],
+                   "x_best_dense": med[lab] / best, "sparq": kw,
+                   "sparq_token_fraction": sparq_tok.get(lab)}
+            if pp_med:
+                pp_best = max(pp_med[lab2] for lab2, _, kw2 in runs if kw2 is None)
+                row.update(pp_tokens_per_s=pp_med[lab], pp_runs=pp_times[lab], pp_x_best_dense=pp_med[lab] / pp_best)
+            rows.append(row)
     bar.close()
     fa_on.llm.set_sparq(None)
     for _, c in ref:
         c.llm.close()
 
     result = {
-        **run_info(), "model": model, "threads": threads, "n_gpu_layers": n_gpu_layers, "n_gen": n_gen, "reps": reps, "depths": depths,
+        **run_info(), "model": model, "threads": threads, "n_gpu_layers": n_gpu_layers, "n_gen": n_gen,
+        "n_prompt": n_prompt, "reps": reps, "depths": depths,
         "cache_type_k": cache_type_k, "cache_type_v": cache_type_v,
         "settings": [lab for lab, _, _ in runs], "rows": rows,
     }
-    print(table(result))
+    print(format_result(result, fmt))
+    fallback = sorted({r["setting"] for r in rows if r.get("sparq_token_fraction") == 0})
+    if fallback:
+        print(f"bench: {', '.join(fallback)} decoded densely at depth(s) "
+              f"{', '.join(str(r['depth']) for r in rows if r['setting'] == fallback[0] and r['sparq_token_fraction'] == 0)}: "
+              "the sequence was shorter than SparQ's min_ctx (the length from which it replaces dense attention)",
+              file=sys.stderr)
     save_outputs(result, out, _plot if plot else None)
     return result
 
 
+def format_result(result: dict, fmt: str = "md") -> str:
+    """The table as llama-bench prints its own: md (default), csv, or json (the whole result)."""
+    if fmt == "json":
+        import json
+
+        return json.dumps(result, indent=1)
+    if fmt == "csv":
+        cols = ["depth", "setting", "tokens_per_s", "min", "max", "x_best_dense", "sparq_token_fraction"]
+        if any("pp_tokens_per_s" in r for r in result["rows"]):
+            cols += ["pp_tokens_per_s", "pp_x_best_dense"]
+        lines = [",".join(cols)]
+        for r in result["rows"]:
+            lines.append(",".join("" if r.get(c) is None else f'"{r[c]}"' if isinstance(r[c], str) else str(r[c])
+                                  for c in cols))
+        return "\n".join(lines)
+    return table(result)
+
+
 def table(result: dict) -> str:
+    pp = any("pp_tokens_per_s" in r for r in result["rows"])
     lines = [f"model {result['model']}, KV cache {result.get('cache_type_k', 'f16')}/{result.get('cache_type_v', 'f16')}, "
              f"{result['threads']} threads, {result.get('n_gpu_layers', 0)} GPU layers, {result['n_gen']} tokens x "
              f"{result['reps']} runs per setting (median, min..max), commit {result['commit']}", "",
-             "| depth | setting | t/s | min..max | x best dense |", "|---:|---|---:|---:|---:|"]
+             "| depth | setting | t/s | min..max | x best dense |" + (f" pp{result.get('n_prompt')} t/s | x best dense |" if pp else ""),
+             "|---:|---|---:|---:|---:|" + ("---:|---:|" if pp else "")]
     for r in result["rows"]:
         note = " (dense fallback)" if r.get("sparq_token_fraction") == 0 else ""
-        lines.append(f"| {r['depth']} | {r['setting']}{note} | {r['tokens_per_s']:.1f} | "
-                     f"{r['min']:.1f}..{r['max']:.1f} | {r['x_best_dense']:.2f} |")
+        line = (f"| {r['depth']} | {r['setting']}{note} | {r['tokens_per_s']:.1f} | "
+                f"{r['min']:.1f}..{r['max']:.1f} | {r['x_best_dense']:.2f} |")
+        if pp:
+            line += f" {r['pp_tokens_per_s']:.1f} | {r['pp_x_best_dense']:.2f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 

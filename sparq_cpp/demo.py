@@ -15,21 +15,33 @@ QUESTION = "\n\nIn two sentences, what are the essays above about?"
 
 
 def _answer(llm, message: str, n: int) -> tuple:
-    """(text, decode tokens/s) of a greedy chat answer; the speed counts the tokens after the
-    first, whose time includes the prompt's prefill."""
-    text, times = [], []
-    for chunk in llm.create_chat_completion(messages=[{"role": "user", "content": message}], max_tokens=n,
-                                            temperature=0.0, repeat_penalty=1.0, stream=True):
-        piece = chunk["choices"][0]["delta"].get("content")
-        if piece:
-            times.append(time.perf_counter())
-            text.append(piece)
-    speed = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
-    return "".join(text).strip(), speed
+    """(text, prompt tokens) of a greedy chat answer of at most n tokens (it stops at its end)."""
+    out = llm.create_chat_completion(messages=[{"role": "user", "content": message}], max_tokens=n,
+                                     temperature=0.0, repeat_penalty=1.0)
+    return out["choices"][0]["message"]["content"].strip(), out["usage"]["prompt_tokens"]
+
+
+def _decode_speed(llm, n_prompt: int, n: int) -> float:
+    """Decode tokens/s over exactly n greedy tokens after the prompt's n_prompt cached tokens (past
+    the answer's end if it stops earlier), as `sparq-cpp bench` times them; the cache is left
+    holding the prompt."""
+    import numpy as np
+
+    from .eval import last_logits
+
+    llm.n_tokens = n_prompt - 1  # the next eval removes the answer's cells and gives the prompt's logits
+    llm.eval([int(llm.input_ids[n_prompt - 1])])
+    t0 = time.perf_counter()
+    for _ in range(n):
+        llm.eval([int(np.argmax(last_logits(llm)))])
+    dt = time.perf_counter() - t0
+    llm.n_tokens = n_prompt
+    return n / dt
 
 
 def run(model: str = "smollm2-135m", prompt_tokens: int = 7000, n_predict: int = 64,
         compression: float = 1 / 8, threads: int = 2, out=sys.stdout) -> int:
+    """Both answers, and the decode speed of each over the same n_predict tokens."""
     from fractions import Fraction
 
     from tqdm import tqdm
@@ -47,20 +59,21 @@ def run(model: str = "smollm2-135m", prompt_tokens: int = 7000, n_predict: int =
         message = llm.detokenize(toks).decode(errors="ignore") + QUESTION
         bar.update(1)
         bar.set_postfix_str(f"prefill of about {len(toks)} tokens, then the answer with dense attention")
-        dense_text, dense_speed = _answer(llm, message, n_predict)
+        dense_text, n_prompt = _answer(llm, message, n_predict)
+        dense_speed = _decode_speed(llm, n_prompt, n_predict)
         bar.update(1)
         bar.set_postfix_str(f"the answer with SparQ {budget}")
         llm.set_sparq(compression=compression)
         llm.sparq_stats(reset=True)
-        sparq_text, sparq_speed = _answer(llm, message, n_predict)
+        sparq_speed = _decode_speed(llm, n_prompt, n_predict)
         st = llm.sparq_stats()
+        sparq_text, _ = _answer(llm, message, n_predict)
         bar.update(1)
         bar.close()
     finally:
         llm.close()
 
-    n_prompt = len(toks)
-    print(f"\n{model}: a chat message of {n_prompt} essay tokens and a question, answers of up to {n_predict} "
+    print(f"\n{model}: a chat message of {len(toks)} essay tokens and a question, answers of up to {n_predict} "
           f"tokens (greedy), {threads} threads\n", file=out)
     print(f"--- dense attention ---\n{dense_text}\n", file=out)
     print(f"--- SparQ, compression {budget} ---\n{sparq_text}\n", file=out)
@@ -69,6 +82,7 @@ def run(model: str = "smollm2-135m", prompt_tokens: int = 7000, n_predict: int =
     print("|---|---:|---:|---:|", file=out)
     print(f"| dense (flash attention) | {dense_speed:.1f} | 1.00 | 1 |", file=out)
     print(f"| SparQ {budget} | {sparq_speed:.1f} | {sparq_speed / dense_speed:.2f} | {reads} |", file=out)
-    print(f"\n(SparQ decoded {st['n_tokens_sparq']} tokens on {st['n_layers_sparq']} of {st['n_layers']} "
-          f"attention layers; `sparq-cpp bench` measures decode speed with repetitions and medians)", file=out)
+    print(f"\n(decode speeds over the same {n_predict} tokens after the prompt, greedy, past an answer's end; SparQ "
+          f"decoded {st['n_tokens_sparq']} tokens on {st['n_layers_sparq']} of {st['n_layers']} attention layers; "
+          "`sparq-cpp bench` measures decode speed with repetitions and medians)", file=out)
     return 0

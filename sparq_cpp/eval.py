@@ -84,6 +84,49 @@ def settings(head_dim: int, context: int, compressions=COMPRESSIONS, type_k: str
     return out
 
 
+# what `sparq-cpp eval` runs without -s: every compression, the ablations at 1/8, the window baseline
+DEFAULT_SPEC = tuple(_label(c) for c in COMPRESSIONS) + ("ablations", "window")
+
+
+def parse_spec(spec) -> List[tuple]:
+    """-s items: settings as bench takes them ('1/8', '0.125', 'k=64', '1/8:float', ...), 'ablations' (the
+    1/8 ablations) and 'window' (the window baseline at each compression given, or at all four) ->
+    [(item, label, set_sparq kwargs or None)]; ValueError on anything else, before any work."""
+    from .bench import parse_setting
+
+    out = []
+    for item in spec:
+        item = item.strip()
+        if item in ("ablations", "window"):
+            out.append((item, item, None))
+        else:
+            lab, kw = parse_setting(item)
+            if kw is None:
+                raise ValueError(f"-s {item!r}: dense is always the reference; give SparQ settings")
+            out.append((item, lab, kw))
+    if not out:
+        raise ValueError("-s: no settings given")
+    return out
+
+
+def chosen_settings(spec, head_dim: int, context: int, type_k: str = "f16", type_v: str = "f16") -> List[dict]:
+    """The teacher-forcing settings an -s spec names (parse_spec), in its order."""
+    parsed = parse_spec(spec)
+    comps = [kw["compression"] for _, _, kw in parsed if kw is not None and set(kw) == {"compression"}]
+    every = settings(head_dim, context, tuple(comps) or COMPRESSIONS, type_k=type_k, type_v=type_v)
+    out = []
+    for item, lab, kw in parsed:
+        if item == "ablations":
+            out += [x for x in every if x["group"] == "ablation"]
+        elif item == "window":
+            out += [x for x in every if x["group"] == "window"]
+        else:
+            plain = set(kw) == {"compression"}
+            out.append(dict(label=_label(kw["compression"]) if plain and round(1 / kw["compression"]) == 1 / kw["compression"]
+                            else lab, group="compression" if plain else "setting", c=kw.get("compression"), kw=kw))
+    return out
+
+
 def last_logits(llm) -> np.ndarray:
     """The last decoded token's logits as fp64 (llm.scores holds them only with logits_all=True)."""
     row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
@@ -158,8 +201,9 @@ def _essay_tokens(llm) -> List[int]:
 def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict[str, List[int]],
         n_tokens: int, threads: int, out: Optional[str], parts=("tf", "needle", "repeat"),
         progress: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16",
-        labels: Optional[List[str]] = None) -> dict:
-    """labels: the teacher-forcing settings to run, by label (default: all of settings())."""
+        labels: Optional[List[str]] = None, spec=DEFAULT_SPEC) -> dict:
+    """spec: the settings to run (parse_spec; the needle and the repetition run dense and spec's SparQ
+    settings); labels: of those teacher-forcing settings, only these (by label)."""
     from tqdm import tqdm
 
     from .sparq import SparqParams
@@ -178,7 +222,7 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
 
         # teacher forcing
         def tf_settings(C: int) -> List[dict]:
-            return [s for s in settings(m.head_dim, C, type_k=cache_type_k, type_v=cache_type_v)
+            return [s for s in chosen_settings(spec, m.head_dim, C, type_k=cache_type_k, type_v=cache_type_v)
                     if labels is None or s["label"] in labels]
 
         n_tf = sum(len(tf_settings(c)) + 1 for c in ctxs)
@@ -206,7 +250,10 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
 
         # needle in a haystack
         q = m.llm.tokenize(QUESTION.encode(), add_bos=False)
-        labels = ["dense"] + [_label(c) for c in COMPRESSIONS]
+        # dense and the plain SparQ settings of the spec (not the ablations nor the window)
+        answer_settings = [("dense", None, None)] + [
+            (x["label"], x["c"], x["kw"]) for x in chosen_settings(spec, m.head_dim, max(nctxs or [1]))
+            if x["group"] in ("compression", "setting")]
         if "needle" in parts:
             bar = tqdm(total=len(nctxs) * len(DEPTHS), desc=f"eval {name}: needle", file=sys.stderr,
                        disable=not progress)
@@ -224,10 +271,10 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
                     bar.set_postfix_str(f"context {C}, depth {depth:.0%}")
                     m.llm.set_sparq(None)
                     m.prefill(prompt[:-1])
-                    for lab, c in zip(labels, (None,) + COMPRESSIONS):
-                        m.llm.set_sparq(SparqParams(compression=c) if c else None)
+                    for lab, c, kw in answer_settings:
+                        m.llm.set_sparq(SparqParams(**kw) if kw else None)
                         ans = m.greedy(len(prompt) - 1, prompt[-1:], 12, stop="\"")
-                        result["needle"].append(dict(model=name, context=C, depth=depth, setting=lab,
+                        result["needle"].append(dict(model=name, context=C, depth=depth, setting=lab, c=c,
                                                      word=word, answer=ans, hit=ans.strip().startswith(word)))
                     bar.update(1)
             bar.close()
@@ -243,8 +290,8 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
                 for frac in (0.25, 0.5, 0.75):
                     s0 = int(frac * len(hay))
                     truth = m.llm.detokenize(hay[s0 + 16:s0 + 16 + 96]).decode(errors="replace")
-                    for lab, c in zip(labels, (None,) + COMPRESSIONS):
-                        m.llm.set_sparq(SparqParams(compression=c) if c else None)
+                    for lab, c, kw in answer_settings:
+                        m.llm.set_sparq(SparqParams(**kw) if kw else None)
                         gen = m.greedy(len(hay), sep + hay[s0:s0 + 16], 64)
                         n_same = next((i for i, (a, b) in enumerate(zip(gen, truth)) if a != b), min(len(gen), len(truth)))
                         result["repeat"].append(dict(model=name, context=C, start=frac, setting=lab, chars=n_same))
@@ -295,8 +342,11 @@ def _plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in result["tf"] + result["needle"]))
-    metrics = [("tf", "ppl_ratio", "perplexity / dense"), ("tf", "agreement", "top-1 agreement with dense"),
-               ("needle", "hit", "needle hit rate")]
+    # a panel only for what this run measured
+    metrics = [m for m in (("tf", "ppl_ratio", "perplexity / dense"), ("tf", "agreement", "top-1 agreement with dense"),
+                           ("needle", "hit", "needle hit rate")) if result[m[0]]]
+    if not models or not metrics:
+        return
     fig, axes = plt.subplots(len(models), len(metrics), figsize=(4.2 * len(metrics), 3.4 * len(models)), squeeze=False)
     for i, model in enumerate(models):
         for j, (part, key, title) in enumerate(metrics):
@@ -308,7 +358,7 @@ def _plot(result: dict, path: str) -> None:
                 else:
                     if group == "window":
                         continue
-                    pts = [dict(r, c=1 / float(r["setting"][2:])) for r in rows if r["setting"] != "dense"]
+                    pts = [r for r in rows if r["setting"] != "dense" and r.get("c")]
                 for C in sorted({r["context"] for r in pts}):
                     xs = sorted({r["c"] for r in pts if r["context"] == C})
                     ys = [np.mean([r[key] for r in pts if r["context"] == C and r["c"] == x]) for x in xs]
@@ -325,7 +375,8 @@ def _plot(result: dict, path: str) -> None:
             a.set_xlabel("compression (fraction of dense reads)")
             a.set_title(f"{model}: {title}", fontsize=9)
             a.grid(alpha=0.3)
-            a.legend(fontsize=6)
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -6,10 +6,11 @@ from typing import Optional
 
 from . import sparq as _sparq
 from ._lib import SparqStatus, llama_cpp
-from .models import KNOWN_MODELS, model_path as _model_path
+from .models import model_path as _model_path
+from .runinfo import default_threads
 from .sparq import SparqError, SparqParams, flash_attn_for
 
-__all__ = ["Llama", "SparqParams"]
+__all__ = ["Llama", "SparqParams", "set_sparq", "sparq_stats"]
 
 
 class Llama(llama_cpp.Llama):
@@ -49,10 +50,21 @@ class Llama(llama_cpp.Llama):
         from .rpc import check_registered
 
         check_registered()
-        if str(model_path) in KNOWN_MODELS:
-            model_path = _model_path(model_path)
+        # a named model is fetched; a path is checked (one clear message: unknown name, missing
+        # file, not a GGUF) before llama.cpp tries to load it
+        model_path = _model_path(model_path)
+        # llama.cpp's default thread count (its physical cores) where llama-cpp-python's would
+        # take half of the logical CPUs for decoding
+        kwargs.setdefault("n_threads", default_threads())
+        kwargs.setdefault("n_threads_batch", default_threads())
         self._sparq_params: Optional[SparqParams] = None
         super().__init__(model_path, *args, **kwargs)
+        # a Gemma GGUF without a chat template would get llama-cpp-python's fallback (llama-2's
+        # format), which Gemma answers with an empty turn: Gemma's own turn format instead
+        if (kwargs.get("chat_format") is None and kwargs.get("chat_handler") is None
+                and "tokenizer.chat_template" not in self.metadata
+                and self.metadata.get("general.architecture", "").startswith("gemma")):
+            self.chat_format = "gemma"
         if params is not None:
             self._set_sparq(params)
 
@@ -78,28 +90,16 @@ class Llama(llama_cpp.Llama):
     # -- SparQ ---------------------------------------------------------------------------------
 
     def _set_sparq(self, params: Optional[SparqParams]) -> None:
-        _sparq.apply(self._ctx.ctx, params)
-        self._sparq_params = params
+        rc = _apply(self, params)
+        self._sparq_params = params if rc == SparqStatus.OK else None
 
     def set_sparq(self, params: Optional[SparqParams] = None, /, **kwargs) -> None:
         """Change SparQ settings on the live model (no reload), e.g. ``set_sparq(k=64)`` or
         ``set_sparq(compression=1/8, realloc=False)``; ``set_sparq(None)`` returns to dense.
-        Tokens already in the cache are kept and taken into account."""
-        if params is not None and kwargs:
-            raise ValueError("give a SparqParams or keyword arguments, not both")
-        if params is None and kwargs:
-            params = SparqParams.from_kwargs(**kwargs)
-            if params is None:
-                raise ValueError("set_sparq needs k or compression (set_sparq(None) turns SparQ off)")
-        elif params is not None and not isinstance(params, SparqParams):
-            raise ValueError(f"set_sparq takes a SparqParams, keyword arguments or None, got {params!r}")
-        try:
-            self._set_sparq(params)
-        except SparqError as e:
-            if e.status == SparqStatus.ERR_V_TRANS:
-                raise SparqError(e.status, "this model stores V transposed (flash_attn=False): create it with "
-                                 "flash_attn=True, or with a sparq_* argument, to use SparQ") from None
-            raise
+        The new settings replace all the current ones (what is not given takes its default), so
+        they always name k or compression. Tokens already in the cache are kept and taken into
+        account."""
+        self._set_sparq(_params_from(params, kwargs, self.sparq))
 
     def sparq_prepare_cache(self) -> bool:
         """Get this model's (empty) cache ready for SparQ without turning it on: with a quantized
@@ -128,3 +128,48 @@ class Llama(llama_cpp.Llama):
         if self._sparq_params is not None:
             state.update(self._sparq_params.as_kwargs())
         return state
+
+
+def _params_from(params, kwargs: dict, now: Optional[SparqParams]) -> Optional[SparqParams]:
+    """set_sparq's arguments -> the settings (None: off); ValueError on a bad combination."""
+    if params is not None and kwargs:
+        raise ValueError("give a SparqParams or keyword arguments, not both")
+    if params is None and kwargs:
+        if "k" not in kwargs and "compression" not in kwargs:
+            current = f" (now: {_sparq.describe(now)})" if now is not None else ""
+            raise ValueError(f"set_sparq({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): the settings "
+                             f"replace all current ones, so give k or compression too{current}; "
+                             "set_sparq(None) turns SparQ off")
+        return SparqParams.from_kwargs(**kwargs)
+    if params is not None and not isinstance(params, SparqParams):
+        raise ValueError(f"set_sparq takes a SparqParams, keyword arguments or None, got {params!r}")
+    return params
+
+
+def _apply(llm, params: Optional[SparqParams]) -> SparqStatus:
+    try:
+        return _sparq.apply(llm._ctx.ctx, params)
+    except SparqError as e:
+        if e.status == SparqStatus.ERR_V_TRANS:
+            raise SparqError(e.status, "this model stores V transposed (flash_attn=False): create it with "
+                             "flash_attn=True, or with a sparq_* argument, to use SparQ") from None
+        raise
+
+
+def set_sparq(llm: llama_cpp.Llama, params: Optional[SparqParams] = None, /, **kwargs) -> None:
+    """SparQ on any ``llama_cpp.Llama`` on this library, such as one made by existing
+    llama-cpp-python code: ``set_sparq(llm, compression=1/8)``; ``set_sparq(llm, None)`` turns it
+    off. The model must have been created with ``flash_attn=True``. Same arguments as
+    ``Llama.set_sparq``."""
+    if isinstance(llm, Llama):
+        return llm.set_sparq(params, **kwargs)
+    now = _sparq.current(llm._ctx.ctx)
+    _apply(llm, _params_from(params, kwargs, now))
+
+
+def sparq_stats(llm: llama_cpp.Llama, reset: bool = False) -> dict:
+    """``Llama.sparq_stats`` for any ``llama_cpp.Llama`` on this library."""
+    out = _sparq.stats(llm._ctx.ctx)
+    if reset:
+        _sparq.reset_stats(llm._ctx.ctx)
+    return out

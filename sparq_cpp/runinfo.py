@@ -35,6 +35,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def default_threads() -> int:
+    """llama.cpp's default thread count (common's cpu_get_num_math): the physical cores, counted
+    from the CPUs' thread siblings on Linux; else half of the logical CPUs when there are more than
+    four, all of them otherwise."""
+    siblings = set()
+    for p in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/thread_siblings"):
+        try:
+            siblings.add(p.read_text().strip())
+        except OSError:
+            pass
+    if siblings:
+        return len(siblings)
+    n = os.cpu_count() or 1
+    return n // 2 if n > 4 else n
+
+
 def run_info(argv: Optional[list] = None) -> dict:
     """The command (as typed), the commit and the machine of this run."""
     argv = sys.argv if argv is None else argv

@@ -12,6 +12,9 @@ from ._lib import SparqStatus, ffi, lib
 
 _INT32_MAX = 2**31 - 1
 
+# LLAMA_SPARQ_DEFAULT_MIN_CTX of llama-sparq.h (tests/test_c_api.py checks it against the header)
+DEFAULT_MIN_CTX = 512
+
 # enum llama_sparq_path, in its order
 SPARQ_PATHS = ("auto", "fused", "ops")
 SPARQ_MIRRORS = ("auto", "float")  # enum llama_sparq_mirror, in order
@@ -55,7 +58,8 @@ class SparqParams:
     dense attention's K/V reads, which picks r and k from the head size and the context length).
     ``None`` means the default: r from the head size (k given: head size/8; compression c: c*head
     size), l = k/4, reallocation per model family (on for multi-head, off for grouped-query
-    models, as the paper found), min_ctx 512 (measured: SparQ 1/8 is already faster than dense there), all layers.
+    models, as the paper found), min_ctx 512 (a sequence's length from which SparQ replaces dense
+    attention; measured: SparQ 1/8 is already faster than dense there), all layers.
     """
 
     k: Optional[int] = _arg("positions read exactly per generated token (instead of compression)")
@@ -63,7 +67,7 @@ class SparqParams:
     r: Optional[int] = _arg("query components for the approximate scores (default from the head size)")
     l: Optional[int] = _arg("local window: the last l positions always read (default k/4)")
     realloc: Optional[bool] = _arg("mean reallocation: mix with the mean of V (default per model family)")
-    min_ctx: Optional[int] = _arg("cache length from which SparQ replaces dense attention (default 512)")
+    min_ctx: Optional[int] = _arg("a sequence's length from which SparQ replaces dense attention (default 512)")
     layers: Optional[Tuple[int, Optional[int]]] = _arg("layers START END that may use SparQ (END exclusive; default all)")
     no_tau: bool = _arg("ablation: scale the approximate scores by the dense scale instead of tau", False)
     path: Optional[Literal["auto", "fused", "ops"]] = _arg(
@@ -175,18 +179,28 @@ def _ctx(ctx_ptr):
     return ffi.cast("struct llama_context *", ctx_ptr)
 
 
-def apply(ctx_ptr, params: Optional[SparqParams], what: str = "this model or cache type") -> SparqStatus:
+def describe(params: SparqParams) -> str:
+    """'compression=0.125, r=8': the settings given (not None), as keyword arguments."""
+    return ", ".join(f"{a}={v!r}" for a, v in asdict(params).items() if v is not None and v is not False)
+
+
+def dense_reason() -> str:
+    """Why this thread's last llama_sparq_set left decoding dense (the library's words)."""
+    return ffi.string(lib.llama_sparq_dense_reason()).decode()
+
+
+def apply(ctx_ptr, params: Optional[SparqParams], what: str = "this model") -> SparqStatus:
     """Set (or, with None, clear) SparQ on a llama_context pointer: SparqStatus.OK, or DENSE when
-    no layer can use it (one RuntimeWarning naming ``what``; the library's log says why);
-    SparqError (a ValueError) on refusal."""
+    SparQ cannot run there (one RuntimeWarning naming ``what`` and the library's reason: no layer
+    can use it, or the context is shorter than min_ctx); SparqError (a ValueError) on refusal."""
     rc = SparqStatus(lib.llama_sparq_set(_ctx(ctx_ptr), ffi.NULL if params is None else params.to_c()))
     if rc < 0:
         msg = ffi.string(lib.llama_sparq_strerror(rc)).decode()
         arg = _STATUS_ARG.get(rc)
         raise SparqError(rc, f"{arg}: {msg}" if arg else msg)
     if rc == SparqStatus.DENSE:
-        warnings.warn(f"SparQ cannot be used with {what} (see the log); decoding stays dense",
-                      RuntimeWarning, stacklevel=4)  # the caller of Llama(...) or set_sparq
+        warnings.warn(f"SparQ is not used with {what}: {dense_reason()}; decoding stays dense",
+                      RuntimeWarning, stacklevel=5)  # the caller of Llama(...) or Llama.set_sparq
     return rc
 
 
@@ -195,6 +209,20 @@ def prepare_cache(ctx_ptr) -> SparqStatus:
     quantized cache, llama.cpp's Hadamard rotation of Q and K is turned off). OK, ROTATED (the
     cache already holds rotated keys) or DENSE (no cache SparQ can use)."""
     return SparqStatus(lib.llama_sparq_prepare_cache(_ctx(ctx_ptr)))
+
+
+def current(ctx_ptr) -> Optional[SparqParams]:
+    """The context's SparQ settings as the library holds them (compression as float32), or None."""
+    p = ffi.new("struct llama_sparq_params *")
+    if lib.llama_sparq_get(_ctx(ctx_ptr), p) != 1:
+        return None
+    return SparqParams(k=p.k or None, compression=float(p.compression) if not p.k else None, r=p.r or None,
+                       l=None if p.l < 0 else p.l, realloc=None if p.mean_realloc < 0 else bool(p.mean_realloc),
+                       min_ctx=None if p.min_ctx < 0 else p.min_ctx,
+                       layers=None if (p.layer_start, p.layer_end) == (0, -1) else
+                       (p.layer_start, None if p.layer_end < 0 else p.layer_end),
+                       no_tau=bool(p.no_tau), path=None if p.path == 0 else SPARQ_PATHS[p.path],
+                       mirror=None if p.mirror == 0 else SPARQ_MIRRORS[p.mirror])
 
 
 def is_set(ctx_ptr) -> bool:

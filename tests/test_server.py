@@ -36,13 +36,13 @@ def _free_port():
 
 
 class Server:
-    def __init__(self, cmd, log_path):
+    def __init__(self, cmd, log_path, env=None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd + ["--host", "127.0.0.1", "--port", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 180
         while True:
             if self.proc.poll() is not None:
@@ -57,7 +57,8 @@ class Server:
             time.sleep(0.5)
 
     def text(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
@@ -216,6 +217,80 @@ def test_bad_requests_get_http_errors_and_the_server_lives(servers, prompts):
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"], r.text
     assert sparq.alive()
     assert _completion(sparq, prompts[0]) == _completion(sparq, prompts[0])
+
+
+def test_openai_rules_get_4xx_with_a_reason(servers):
+    sparq, _ = servers
+    hi = [{"role": "user", "content": "hi"}]
+    for path, body, status, word in [
+        ("/v1/chat/completions", dict(messages=hi, max_tokens=-5), 400, "max_tokens"),
+        ("/v1/completions", dict(prompt="hi", max_tokens=0), 400, "max_tokens"),
+        ("/v1/completions", {}, 400, "prompt"),
+        ("/v1/completions", dict(prompt=""), 400, "prompt"),
+        ("/v1/chat/completions", dict(max_tokens=4), 400, "messages"),
+        ("/v1/chat/completions", dict(messages=[], max_tokens=4), 400, "messages"),
+        ("/v1/completions", dict(prompt="hi", max_tokens=2, model="gpt-4o"), 404, "gpt-4o"),
+        ("/v1/chat/completions", dict(messages=hi, max_tokens=2, model="gpt-4o"), 404, "gpt-4o"),
+    ]:
+        r = sparq.post(path, body)
+        assert r.status_code == status and word in r.json()["error"]["message"], (path, body, r.status_code, r.text)
+    assert r.json()["error"]["code"] == "model_not_found"
+    r = requests.post(sparq.url + "/v1/completions", data="{not json", timeout=60,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"], r.text
+    # the names /v1/models lists are accepted
+    (model,) = [m["id"] for m in requests.get(sparq.url + "/v1/models", timeout=10).json()["data"]]
+    assert model == "smollm2-135m"
+    r = sparq.post("/v1/completions", dict(prompt="The capital of France is", max_tokens=2, model=model))
+    assert r.status_code == 200, r.text
+
+
+def test_health_and_sparq_counters(servers, prompts):
+    sparq, dense = servers
+    for s in (sparq, dense):
+        r = requests.get(s.url + "/health", timeout=10)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+    _completion(sparq, prompts[0])
+    st = requests.get(sparq.url + "/sparq/stats", timeout=10).json()
+    assert st["model"] == "smollm2-135m" and st["sparq"]["k"] == 400
+    assert st["stats"]["n_tokens_sparq"] >= MAX_TOKENS - 1 and st["stats"]["n_layers_sparq"] == 30
+    assert requests.get(dense.url + "/sparq/stats", timeout=10).json()["sparq"] is None
+
+
+def test_shutdown_prints_what_sparq_did(tmp_path, prompts):
+    server = Server([sys.executable, "-m", "sparq_cpp.cli", "serve", "--model", "smollm2-135m", "--n_ctx", "1024",
+                     "--sparq_compression", "1/8", "--sparq_min_ctx", "0"], tmp_path / "serve.log")
+    try:
+        assert _completion(server, prompts[1])
+    finally:
+        server.stop()
+    (line,) = [x for x in server.text().splitlines() if x.startswith("sparq-cpp serve: smollm2-135m:")]
+    n = int(line.split(": ")[2].split()[0])
+    assert n >= MAX_TOKENS - 1 and "30/30 layers" in line and "attention reads" in line, line
+
+
+def test_llama_cpp_server_runs_unchanged_on_our_library(tmp_path, smollm2_path, prompts):
+    # llama-cpp-python's own server, as its users start it: our library, dense attention
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    server = Server([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path), "--n_ctx", "1024"],
+                    tmp_path / "llama_cpp_server.log", env=env)
+    try:
+        r = server.post("/v1/completions", dict(prompt="The capital of Germany is Berlin. The capital of France is",
+                                                max_tokens=4, temperature=0.0))
+        assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["text"], r.text
+    finally:
+        server.stop()
+
+
+def test_bad_sparq_flags_against_the_model_in_one_line():
+    for flags, message in [(["--sparq_compression", "1/8", "--sparq_r", "999"], "larger than the model's head size 64"),
+                           (["--sparq_k", "64", "--sparq_layers", "0", "99"], "outside the model's 30 layers"),
+                           (["--sparq_compression", "2"], "a compression must be in (0, 1]")]:
+        r = subprocess.run([sys.executable, "-m", "sparq_cpp.cli", "serve", "--model", "smollm2-135m"] + flags,
+                           capture_output=True, text=True, timeout=120)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and message in r.stderr and len(lines) == 1, r.stderr[-3000:]
+        assert "pydantic" not in r.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
