@@ -1,7 +1,8 @@
 # sparq-cpp: the two commands are `make demo` and `make test`; each sets itself up on a fresh clone.
 #
 #   make demo      .venv + the library alone, then the default model (smollm2-135m) answers a long essay, dense and SparQ
-#   make test      .venv + build (with the op tests and the tools), then pytest
+#   make test      .venv + build (with the op tests and the tools), then pytest (without the slow set)
+#   make test-slow the slow set: the long checks CI runs after make test
 #   make lib       (re)build the native library into sparq_cpp/lib (incremental): what Python and the demo need
 #   make build     the same, plus the op tests and llama.cpp's tools into sparq_cpp/bin (incremental)
 #   make tools     the same as build: llama-bench, llama-cli, llama-server from the fork, with --sparq-* flags
@@ -22,7 +23,7 @@ UP_PKG := $(call upstream,SPARQ_UPSTREAM_PACKAGE)
 UP_VER := $(call upstream,SPARQ_UPSTREAM_VERSION)
 UP_SHA := $(call upstream,SPARQ_UPSTREAM_SHA256)
 
-.PHONY: setup lib build tools demo test test-avx2 test-arm test-vulkan bench-op sanitize clean
+.PHONY: setup lib build tools demo test test-slow test-avx2 test-arm test-vulkan bench-op sanitize clean
 
 # The virtual environment: re-created when missing or broken, refreshed when the pinned
 # requirements change. llama-cpp-python is installed from the same pinned source tarball as our
@@ -59,7 +60,12 @@ demo: lib
 	$(VENV)/bin/sparq-cpp demo -m smollm2-135m
 
 test: build
-	$(VPY) -m pytest tests
+	$(VPY) -m pytest tests -m "not slow"
+
+# the long checks (marked slow): a q8_0 cache at 1/8, 4096 tokens generated after 4096, the
+# portable graph at k >= context on both models; CI runs them after make test
+test-slow: build
+	$(VPY) -m pytest tests -m slow
 
 bench-op: build
 	$(VPY) scripts/bench_op.py

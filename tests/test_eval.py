@@ -22,7 +22,7 @@ N = 64  # teacher-forced tokens
 def small_eval(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "eval_small"
     res = ev.run(["smollm2-135m"], {"smollm2-135m": [2048]}, {"smollm2-135m": [2048]}, N, 2, str(out),
-                 parts=("tf", "needle"), progress=False)
+                 parts=("tf", "needle"), progress=False, spec=("1/4", "1/8", "1/16", "window"))
     return res, out
 
 

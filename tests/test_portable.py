@@ -19,6 +19,7 @@ from sparq_util import VSUM_TOL, check
 from test_sparq import MODELS, ROUNDING, _greedy, _llm, _teacher_forced, _tokens
 
 
+@pytest.mark.slow  # CI: make test-slow
 @pytest.mark.parametrize("name", MODELS)
 def test_portable_graph_at_k_at_least_context_equals_dense_and_the_fused_op(name, essay_text):
     llm = _llm(name)

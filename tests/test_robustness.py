@@ -126,6 +126,7 @@ def test_settings_changed_between_decodes_keep_the_cache(smollm2, essay_text):
     other.close()
 
 
+@pytest.mark.slow  # CI: make test-slow
 def test_long_generation_stays_finite_and_keeps_exact_v_sums(essay_text):
     # 4096 generated tokens after a 4096-token prompt at compression 1/8 with mean reallocation:
     # no NaN or Inf in any step's logits, and every 512 steps the running V sums (the mean's

@@ -173,6 +173,7 @@ def test_compression_one_eighth_tracks_dense(name, essay_text):
 LEVELS_Q8_0_1_8 = (0.85, 1.07)
 
 
+@pytest.mark.slow  # CI: make test-slow
 def test_q8_0_cache(essay_text):
     q8_0 = llama_cpp.GGML_TYPE_Q8_0
     llm = Llama("smollm2-135m", n_ctx=2304, n_batch=512, n_threads=2, logits_all=True, verbose=False,
