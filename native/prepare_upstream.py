@@ -9,7 +9,8 @@ Run by CMakeLists.txt at configure time; can also be run by hand:
 Steps:
 1. Find ``<package>-<version>.tar.gz`` in the cache folder (``$SPARQ_CPP_CACHE`` or
    ``~/.cache/sparq-cpp``); if it is missing or its sha256 is wrong, download it by package name
-   with ``pip download --no-deps --no-binary :all:`` and check the sha256 again.
+   with ``pip download --no-deps --no-binary <package>`` (its build requirements come as wheels:
+   with ``:all:`` pip builds them from source too, minutes of work) and check the sha256 again.
 2. Extract only the parts of ``vendor/llama.cpp`` that the build needs into ``<dest>/pristine``
    (once per tarball).
 3. Build the patched tree in a scratch folder: copy pristine, apply ``native/patches/*.patch`` in
@@ -93,7 +94,7 @@ def fetch(package: str, version: str, sha256: str) -> Path:
     log(f"downloading {package}=={version} (source distribution) from the package index ...")
     with tempfile.TemporaryDirectory(dir=cdir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", f"{package}=={version}",
-               "--no-deps", "--no-binary", ":all:", "--dest", tmp, "--quiet"]
+               "--no-deps", "--no-binary", package, "--dest", tmp, "--quiet"]
         # Our build environment usually has no network-isolated pip of its own; fall back to
         # any python3 with pip on PATH.
         r = subprocess.run(cmd)

@@ -35,7 +35,9 @@ def _decode_speed(llm, n_prompt: int, n: int) -> float:
     for _ in range(n):
         llm.eval([int(np.argmax(last_logits(llm)))])
     dt = time.perf_counter() - t0
-    llm.n_tokens = n_prompt
+    # back to the prompt minus its last token, so that the next answer decodes that token again and
+    # samples from its logits (not from the last timed token's)
+    llm.n_tokens = n_prompt - 1
     return n / dt
 
 

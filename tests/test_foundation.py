@@ -117,6 +117,9 @@ def test_cli_demo_shows_dense_and_sparq_with_their_speeds():
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "--- dense attention ---" in out and "--- SparQ, compression 1/8 ---" in out
+    answers = re.findall(r"--- (?:dense attention|SparQ, compression 1/8) ---\n(.*)\n", out)
+    assert len(answers) == 2 and all(len(re.findall(r"[A-Za-z]+", a)) >= 3 for a in answers), out  # words, not "."
+    assert "over the same 12 tokens" in out
     dense = re.search(r"\| dense \(flash attention\) \| ([\d.]+) \|", out)
     sparq = re.search(r"\| SparQ 1/8 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out)
     assert dense and sparq, out
