@@ -287,7 +287,6 @@ def _cache_type_args(p: argparse.ArgumentParser, choices=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    global DEFAULT_EVAL_SPEC, SPARQ_CACHE_TYPES
     from sparq_cpp.eval import DEFAULT_SPEC as DEFAULT_EVAL_SPEC
     from sparq_cpp.kv_types import SPARQ_CACHE_TYPES
 

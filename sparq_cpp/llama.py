@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from . import sparq as _sparq
 from ._lib import SparqStatus, llama_cpp
-from .models import model_path as _model_path
+from .models import KNOWN_MODELS, check_magic, model_path as _model_path
 from .runinfo import default_threads
 from .sparq import SparqError, SparqParams, flash_attn_for
 
@@ -50,9 +51,12 @@ class Llama(llama_cpp.Llama):
         from .rpc import check_registered
 
         check_registered()
-        # a named model is fetched; a path is checked (one clear message: unknown name, missing
-        # file, not a GGUF) before llama.cpp tries to load it
-        model_path = _model_path(model_path)
+        # a named model is fetched; an unknown name, a missing file or a file that is not a GGUF
+        # gets one clear message before llama.cpp tries to load it
+        if str(model_path) in KNOWN_MODELS or not os.path.exists(model_path):
+            model_path = _model_path(model_path)
+        else:
+            check_magic(model_path)
         # llama.cpp's default thread count (its physical cores) where llama-cpp-python's would
         # take half of the logical CPUs for decoding
         kwargs.setdefault("n_threads", default_threads())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["KNOWN_MODELS", "model_path", "cache_dir", "check_gguf", "essays_dir", "essays_text"]
+__all__ = ["KNOWN_MODELS", "model_path", "cache_dir", "check_gguf", "check_magic", "essays_dir", "essays_text"]
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,8 @@ def _fetch_model(name: str, m: _Model, target: Path) -> Path:
     return target
 
 
-def check_gguf(path: Union[str, Path]) -> Path:
-    """Check that ``path`` is a readable GGUF file; return it resolved.
-
-    Raises FileNotFoundError when it does not exist and ValueError when it is not a valid GGUF
-    file (the metadata is read with the ``gguf`` package).
-    """
+def check_magic(path: Union[str, Path]) -> Path:
+    """The cheap part of check_gguf: the file exists and starts with GGUF's magic."""
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"model file not found: {p}")
@@ -140,6 +136,16 @@ def check_gguf(path: Union[str, Path]) -> Path:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"not a GGUF file (bad magic {magic!r}): {p}")
+    return p
+
+
+def check_gguf(path: Union[str, Path]) -> Path:
+    """Check that ``path`` is a readable GGUF file; return it resolved.
+
+    Raises FileNotFoundError when it does not exist and ValueError when it is not a valid GGUF
+    file (the metadata is read with the ``gguf`` package).
+    """
+    p = check_magic(path)
     try:
         import gguf
 

@@ -3,6 +3,7 @@ llama-server take --sparq-* flags (and LLAMA_ARG_SPARQ_* variables), apply them,
 values the way llama.cpp refuses its own: a message and exit code 1, never an abort. Each program
 runs a few seconds on smollm2-135m."""
 
+import contextlib
 import csv
 import io
 import json
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -122,14 +124,23 @@ def test_llama_cli_bad_values(model, args, message):
     assert message in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
 
 
-def test_llama_server_answers_with_sparq(model, essay, tmp_path):
+@contextlib.contextmanager
+def _llama_server(model, log, args):
+    """llama-server on a free port, ready (/health); stopped with SIGINT, which frees its context, so
+    that libllama logs SparQ's counters (-lv 4). Yields a function that posts to /completion."""
     port = free_port()
-    log = tmp_path / "server.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([str(tool_path("llama-server")), "-m", model, "-c", "4096", "-np", "1", "-t", "2",
-                                 "--host", "127.0.0.1", "--port", str(port), "-lv", "4",
-                                 "--sparq-compression", "1/8", "--sparq-min-ctx", "256"],
+        proc = subprocess.Popen([str(tool_path("llama-server")), "-m", model, "-t", "2", "--host", "127.0.0.1",
+                                 "--port", str(port), "-lv", "4"] + args,
                                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def complete(prompt, n_predict):
+        body = json.dumps({"prompt": prompt, "n_predict": n_predict, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+            return json.load(resp)
+
     try:
         deadline = time.time() + 60
         while True:
@@ -142,19 +153,22 @@ def test_llama_server_answers_with_sparq(model, essay, tmp_path):
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.3)
-        body = json.dumps({"prompt": open(essay).read(), "n_predict": 16, "temperature": 0}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
-            out = json.load(resp)
-        assert out["timings"]["predicted_n"] == 16 and out["content"].strip(), out
+        yield complete
     finally:
-        proc.send_signal(signal.SIGINT)  # the server frees its context: libllama reports SparQ's tokens
+        proc.send_signal(signal.SIGINT)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_llama_server_answers_with_sparq(model, essay, tmp_path):
+    log = tmp_path / "server.log"
+    with _llama_server(model, log, ["-c", "4096", "-np", "1", "--sparq-compression", "1/8",
+                                    "--sparq-min-ctx", "256"]) as complete:
+        out = complete(open(essay).read(), 16)
+        assert out["timings"]["predicted_n"] == 16 and out["content"].strip(), out
     text = log.read_text()
     assert "sparq-cpp: SparQ attention on (--sparq-compression 1/8 --sparq-min-ctx 256)" in text
     n = _sparq_tokens(text)
@@ -164,45 +178,12 @@ def test_llama_server_answers_with_sparq(model, essay, tmp_path):
 def test_llama_server_keeps_the_budget_with_two_requests_at_once(model, tmp_path):
     # two slots in one cache, two requests of different lengths decoded together: each sequence
     # reads 1/8 of its own dense bytes (the cache's length, set by both, does not count)
-    port = free_port()
     log = tmp_path / "server2.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([str(tool_path("llama-server")), "-m", model, "-c", "8192", "-np", "2", "-t", "2",
-                                 "--host", "127.0.0.1", "--port", str(port), "-lv", "4", "--sparq-compression", "1/8"],
-                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     text = models.essays_text(8)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as h:
-                    if h.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.3)
-
-        def ask(chars):
-            body = json.dumps({"prompt": text[:chars], "n_predict": 24, "temperature": 0}).encode()
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
-                return json.load(resp)
-
-        from concurrent.futures import ThreadPoolExecutor
-
+    with _llama_server(model, log, ["-c", "8192", "-np", "2", "--sparq-compression", "1/8"]) as complete:
         with ThreadPoolExecutor(2) as pool:
-            outs = list(pool.map(ask, [3000, 12000]))  # about 700 and 2800 tokens
+            outs = list(pool.map(lambda chars: complete(text[:chars], 24), [3000, 12000]))  # ~700 and ~2800 tokens
         assert all(o["timings"]["predicted_n"] == 24 for o in outs), outs
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     log_text = log.read_text()
     m = re.search(r"SparQ layers read ([\d.]+) of dense", log_text)
     assert m and _sparq_tokens(log_text) >= 40, log_text[-2000:]
