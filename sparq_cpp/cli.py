@@ -4,7 +4,7 @@
     sparq-cpp generate -m gemma3-270m --chat -p "Name three rivers in Europe."
     sparq-cpp generate -m smollm2-135m -f essay.txt --sparq-compression 1/8 -n 128
     sparq-cpp demo                                  (a long essay answered with dense and with SparQ)
-    sparq-cpp essays -n 4 > essay.txt               (a long text to try: about 13k tokens)
+    sparq-cpp essays -n 3 > essay.txt               (a long text to try: about 7k tokens)
     sparq-cpp eval -m smollm2-135m,gemma3-270m     (accuracy against dense)
     sparq-cpp serve --model smollm2-135m --sparq_compression 1/8   (python -m sparq_cpp.server)
     sparq-cpp info
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, add_help=False, help=f"{what} (the fork's; `sparq-cpp {name} --help`)")
 
     es = sub.add_parser("essays", help="print Paul Graham essays (the long text of the demo, bench and eval), "
-                                       "e.g. sparq-cpp essays -n 4 > essay.txt")
+                                       "e.g. sparq-cpp essays -n 3 > essay.txt")
     es.add_argument("-n", type=int, default=3, help="how many essays (default 3: about 7k tokens; 4: 13k)")
     es.set_defaults(func=_cmd_essays)
 
