@@ -77,11 +77,22 @@ def test_llama_bench_k_rows_and_grid(model):
                    ("-", "32", "4", "4"), ("-", "32", "8", "4")], got
 
 
+def test_llama_bench_mirror_column(model):
+    # --sparq-mirror as llama-cli's, with llama-bench's comma-separated values: a dimension of the SparQ rows
+    r = _run("llama-bench", ["-m", model, "-p", "0", "-n", "4", "-d", "600", "-r", "1", "-t", "2", "-o", "csv",
+                             "--sparq-compression", "0,1/8", "--sparq-mirror", "auto,float"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    got = [(x["sparq_compression"], x["sparq_mirror"], x["sparq_tokens"]) for x in rows]
+    assert got == [("0", "auto", "0"), ("1/8", "auto", "4"), ("1/8", "float", "4")], got
+
+
 @pytest.mark.parametrize("args, message", [
     (["--sparq-compression", "2"], "--sparq-compression: '2' is not a fraction in [0, 1]"),
     (["--sparq-compression", "1/x"], "--sparq-compression: '1/x' is not a fraction"),
     (["--sparq-k", "-3"], "--sparq-k: '-3' is not an integer"),
     (["--sparq-realloc", "2"], "--sparq-realloc: '2' is not an integer in [0, 1]"),
+    (["--sparq-mirror", "int4"], "--sparq-mirror: 'int4' is not auto or float"),
     (["--sparq-k"], "--sparq-k needs a value"),
     (["--sparq-k", "32", "--sparq-r", "9999"], "SparQ settings refused: r must be in 1..head size"),
 ])

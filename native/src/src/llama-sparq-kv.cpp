@@ -72,6 +72,11 @@ static void v_row_f32(const ggml_tensor * v, size_t offs, std::vector<uint8_t> &
 }
 
 llama_sparq_kv::~llama_sparq_kv() {
+    if (enabled && stats.n_tokens_sparq == 0 && stats.n_tokens_dense > 0) {
+        // said where every tool shows it: SparQ was asked for and never ran
+        LLAMA_LOG_WARN("llama_sparq: SparQ was on but decoded no token: every sequence stayed below min_ctx (%d), "
+                       "the length from which it replaces dense attention, or took only prompt batches\n", min_ctx);
+    }
     if (stats.n_tokens_sparq + stats.n_tokens_dense > 0) {
         LLAMA_LOG_INFO("llama_sparq: %lld tokens decoded with SparQ attention, %lld densely (context below min ctx, prefill); "
                        "SparQ layers read %.3f of dense attention's K/V bytes\n",

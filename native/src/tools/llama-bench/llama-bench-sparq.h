@@ -2,7 +2,7 @@
 //
 //   --sparq-compression 0,1/8,1/16   target fraction of dense attention's reads (0: dense)
 //   --sparq-k 0,64                   positions read exactly per token, instead (0: dense)
-//   --sparq-r, --sparq-l, --sparq-min-ctx, --sparq-realloc   the other parameters of SparQ
+//   --sparq-r, --sparq-l, --sparq-min-ctx, --sparq-realloc, --sparq-mirror   the other parameters of SparQ
 //
 // Like llama-bench's own parameters each takes comma-separated values. The budgets (the
 // compression values, then the k values) form one dimension of the test grid, innermost, so that
@@ -34,7 +34,7 @@ struct sparq_bench_setting {
 
 struct sparq_bench_lists {
     std::vector<std::string> compression;
-    std::vector<int>         k, r, l, min_ctx, realloc;
+    std::vector<int>         k, r, l, min_ctx, realloc, mirror;  // mirror: enum llama_sparq_mirror
 };
 
 static int sparq_bench_parse_int(const std::string & flag, const std::string & s, int lo, int hi) {
@@ -69,6 +69,7 @@ static void sparq_bench_print_usage() {
     printf("  --sparq-l <n>                             (default: -1 = k/4) local window\n");
     printf("  --sparq-min-ctx <n>                       (default: -1 = 512) SparQ once a sequence holds this many tokens\n");
     printf("  --sparq-realloc <0|1>                     (default: -1 = the model's) mean reallocation\n");
+    printf("  --sparq-mirror <auto|float>               (default: auto) the K^T copy the approximate scores read\n");
 }
 
 // One llama-bench argument: true when it is a SparQ flag (its value consumed); a bad value prints
@@ -76,7 +77,7 @@ static void sparq_bench_print_usage() {
 static bool sparq_bench_parse_arg(const std::string & arg, int & i, int argc, char ** argv,
                                   sparq_bench_lists & lists, bool & invalid) {
     static const char * flags[] = { "--sparq-compression", "--sparq-k", "--sparq-r", "--sparq-l",
-                                    "--sparq-min-ctx", "--sparq-realloc" };
+                                    "--sparq-min-ctx", "--sparq-realloc", "--sparq-mirror" };
     bool known = false;
     for (const char * f : flags) {
         known = known || arg == f;
@@ -102,6 +103,11 @@ static bool sparq_bench_parse_arg(const std::string & arg, int & i, int argc, ch
                 lists.l.push_back(sparq_bench_parse_int(arg, v, -1, 1 << 30));
             } else if (arg == "--sparq-min-ctx") {
                 lists.min_ctx.push_back(sparq_bench_parse_int(arg, v, -1, 1 << 30));
+            } else if (arg == "--sparq-mirror") {
+                if (v != "auto" && v != "float") {
+                    throw std::invalid_argument("--sparq-mirror: '" + v + "' is not auto or float");
+                }
+                lists.mirror.push_back(v == "auto" ? LLAMA_SPARQ_MIRROR_AUTO : LLAMA_SPARQ_MIRROR_FLOAT);
             } else {
                 lists.realloc.push_back(sparq_bench_parse_int(arg, v, 0, 1));
             }
@@ -148,9 +154,10 @@ static std::vector<sparq_bench_setting> sparq_bench_settings(const sparq_bench_l
         for (int r : or_default(lists.r, 0))
         for (int l : or_default(lists.l, -1))
         for (int m : or_default(lists.min_ctx, -1))
-        for (int a : or_default(lists.realloc, -1)) {
+        for (int a : or_default(lists.realloc, -1))
+        for (int mi : or_default(lists.mirror, LLAMA_SPARQ_MIRROR_AUTO)) {
             sparq_bench_setting s = b;
-            s.p.r = r; s.p.l = l; s.p.min_ctx = m; s.p.mean_realloc = a;
+            s.p.r = r; s.p.l = l; s.p.min_ctx = m; s.p.mean_realloc = a; s.p.mirror = mi;
             out.push_back(s);
         }
     }
@@ -241,7 +248,7 @@ static void sparq_bench_after_run(const llama_context * ctx, sparq_bench_setting
 
 static std::vector<std::string> sparq_bench_add_fields(std::vector<std::string> fields) {
     for (const char * f : { "sparq_compression", "sparq_k", "sparq_r", "sparq_l", "sparq_min_ctx", "sparq_realloc",
-                            "sparq_tokens" }) {
+                            "sparq_mirror", "sparq_tokens" }) {
         fields.emplace_back(f);
     }
     return fields;
@@ -259,6 +266,7 @@ static void sparq_bench_add_values(std::vector<std::string> & values, const spar
     values.push_back(std::to_string(s.p.l));
     values.push_back(std::to_string(s.p.min_ctx));
     values.push_back(std::to_string(s.p.mean_realloc));
+    values.push_back(s.p.mirror == LLAMA_SPARQ_MIRROR_FLOAT ? "float" : "auto");
     values.push_back(std::to_string(s.n_tokens_sparq));
 }
 
@@ -270,4 +278,5 @@ static void sparq_bench_markdown_fields(const sparq_bench_lists & lists, std::ve
     if (!lists.l.empty())           fields.emplace_back("sparq_l");
     if (!lists.min_ctx.empty())     fields.emplace_back("sparq_min_ctx");
     if (!lists.realloc.empty())     fields.emplace_back("sparq_realloc");
+    if (!lists.mirror.empty())      fields.emplace_back("sparq_mirror");
 }
