@@ -28,6 +28,7 @@ import numpy as np
 from ._lib import llama_cpp
 from .bench import DecodeContext
 from .kv_types import ELEMENT_BYTES, cache_type
+from .models import head_size
 from .runinfo import run_info, save_outputs
 
 COMPRESSIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
@@ -144,11 +145,7 @@ class _Model(DecodeContext):
                                flash_attn=True, verbose=False, type_k=cache_type(type_k), type_v=cache_type(type_v)))
         if not keep_rotation:  # keep_rotation: a quantized cache's Hadamard rotation stays on (a measurement)
             self.llm.sparq_prepare_cache()
-        md = self.llm.metadata
-        arch = md["general.architecture"]
-        key_length = md.get(f"{arch}.attention.key_length")
-        self.head_dim = int(key_length) if key_length else \
-            int(md[f"{arch}.embedding_length"]) // int(md[f"{arch}.attention.head_count"])
+        self.head_dim = head_size(self.llm.metadata.get)
 
     def logits(self) -> np.ndarray:
         return last_logits(self.llm)

