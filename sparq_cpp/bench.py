@@ -20,6 +20,7 @@ from ._lib import llama_cpp
 from .kv_types import cache_type, v_needs_flash_attn
 from .runinfo import run_info, save_outputs
 from .budget import parse_compression
+from . import sparq
 from .sparq import SPARQ_PATHS, SparqParams
 
 
@@ -55,11 +56,12 @@ def parse_setting(text: str) -> Tuple[str, Optional[dict]]:
 
 class DecodeContext:
     """A model's context with its prefilled depth, decoded one token at a time through the C API
-    (used by bench and eval)."""
+    (used by bench and eval). ``llm``: a Llama, whose context this is; or ``ctx``, a bare context
+    (a shape's, sparq_cpp.shapes) whose cache ``fill`` fills."""
 
-    def __init__(self, llm):
+    def __init__(self, llm=None, ctx=None):
         self.llm = llm
-        self.ctx = llm._ctx.ctx
+        self.ctx = llm._ctx.ctx if llm is not None else ctx
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.depth = 0
 
@@ -69,6 +71,25 @@ class DecodeContext:
         if tokens:
             self.llm.eval(tokens)
         self.depth = len(tokens)
+
+    def fill(self, depth: int, seed: int = 0) -> None:
+        """The cache holds depth positions of random K and V rows, as after a prefill of depth
+        tokens (sparq_cpp.shapes.fill_random)."""
+        from .shapes import fill_random
+
+        sparq.apply(self.ctx, None)
+        llama_cpp.llama_memory_clear(self.mem, True)
+        self.layout = fill_random(self.ctx, depth, seed) if depth else None
+        self.depth = depth
+
+    def set_sparq(self, params: Optional[SparqParams]) -> None:
+        sparq.apply(self.ctx, params)
+
+    def sparq_stats(self, reset: bool = False) -> dict:
+        out = sparq.stats(self.ctx)
+        if reset:
+            sparq.reset_stats(self.ctx)
+        return out
 
     def prompt(self, tokens: List[int]) -> float:
         """tokens/s processing these as one prompt batch after the prefill; the cache is restored after."""
@@ -94,6 +115,13 @@ class DecodeContext:
         llama_cpp.llama_memory_seq_rm(self.mem, 0, self.depth, -1)
         return len(tokens) / dt
 
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+        elif self.ctx:
+            llama_cpp.llama_free(self.ctx)
+        self.ctx = None
+
 
 def check(model: str, depths: List[int], n_gen: int, n_prompt: int = 0) -> int:
     """Before any context is made: the model resolves to a GGUF file, and the essays give tokens
@@ -116,93 +144,192 @@ def check(model: str, depths: List[int], n_gen: int, n_prompt: int = 0) -> int:
     return n
 
 
-def run(model: str, depths: List[int], settings: List[str], threads: int, n_gen: int, reps: int,
+class _Contexts:
+    """The contexts a bench compares, over one model: flash attention off (dense only; absent where
+    the cache type needs it on), on (dense and SparQ, one cache), and for another cache type than
+    f16 the f16 cache's two dense paths; ``to_depth`` brings each to a depth, ``tokens`` gives
+    the tokens decoded there."""
+
+    def __init__(self, model: Optional[str], shape, common: dict, cache_type_k: str, cache_type_v: str,
+                 n_gpu_layers: int, weights: str):
+        self.shape_model = None
+        specs = [] if v_needs_flash_attn(cache_type_v) else [("off", False, cache_type_k, cache_type_v)]
+        specs.append(("on", True, cache_type_k, cache_type_v))
+        if (cache_type_k, cache_type_v) != ("f16", "f16"):
+            specs += [("f16 off", False, "f16", "f16"), ("f16 on", True, "f16", "f16")]
+        if shape is None:
+            from .llama import Llama
+
+            self.ctxs = {name: DecodeContext(Llama(model, flash_attn=fa, **dict(common, type_k=cache_type(tk),
+                                                                                    type_v=cache_type(tv))))
+                         for name, fa, tk, tv in specs}
+        else:
+            from llama_cpp._utils import suppress_stdout_stderr
+
+            from .shapes import ShapeModel
+
+            self.shape_model = ShapeModel(shape, weights, n_gpu_layers)
+            self.ctxs = {}
+            for name, fa, tk, tv in specs:
+                p = llama_cpp.llama_context_default_params()
+                p.n_ctx, p.n_batch, p.n_ubatch = common["n_ctx"], common["n_batch"], common["n_ubatch"]
+                p.n_seq_max = 1
+                p.n_threads = p.n_threads_batch = common["n_threads"]
+                p.flash_attn_type = 1 if fa else 0
+                p.type_k, p.type_v = cache_type(tk), cache_type(tv)
+                p.no_perf = True
+                with suppress_stdout_stderr():
+                    ctx = llama_cpp.llama_init_from_model(self.shape_model.model, p)
+                if not ctx:
+                    self.close()
+                    raise MemoryError(f"libllama could not create a context of {common['n_ctx']} tokens for this "
+                                      "shape (its log says why; most often memory): use a smaller -d")
+                self.ctxs[name] = DecodeContext(ctx=ctx)
+        # as a sparq_* argument to the constructor would: dense and SparQ runs then share that cache
+        sparq.prepare_cache(self.ctxs["on"].ctx)
+
+    def to_depth(self, depth: int, toks: Optional[List[int]]) -> None:
+        for c in self.ctxs.values():
+            if self.shape_model is None:
+                c.prefill(toks[:depth])
+            else:
+                c.fill(depth)
+
+    def kv_bytes(self, n_ctx: int) -> Optional[int]:
+        """A context's K and V bytes for n_ctx cells (shapes: from the cache layout after a fill)."""
+        lay = getattr(self.ctxs["on"], "layout", None)
+        if lay is None:
+            return None
+        return n_ctx * (sum(r for _, r in lay.k) + sum(a * (c or 1) for _, a, c in lay.v))
+
+    def close(self) -> None:
+        for c in self.ctxs.values():
+            c.close()
+        if self.shape_model is not None:
+            self.shape_model.close()
+
+
+def run(model: Optional[str], depths: List[int], settings: List[str], threads: int, n_gen: int, reps: int,
         out: Optional[str], plot: bool = True, progress: bool = True,
         cache_type_k: str = "f16", cache_type_v: str = "f16", n_gpu_layers: int = 0,
-        n_prompt: int = 0, fmt: str = "md") -> dict:
-    from tqdm import tqdm
+        n_prompt: int = 0, fmt: str = "md", shape: Optional[str] = None, weights: str = "q4_0") -> dict:
+    """The bench on a model file (``model``), or on a model shape with random weights built in
+    memory (``shape``, as --shape takes it; ``weights`` their type), its cache filled to each
+    depth without a prefill (sparq_cpp.shapes)."""
+    import random
+    import resource
 
-    from .llama import Llama
-    from .models import essays_text
+    from tqdm import tqdm
 
     parsed = [parse_setting(s) for s in settings]
     if ("dense", None) not in parsed:
         parsed.insert(0, ("dense", None))
-    text = essays_text()
+    shp = None
+    if shape is not None:
+        from .shapes import parse_shape
+
+        label, shp = parse_shape(shape)
     n_ctx = max(depths) + max(n_gen, n_prompt) + 64
-    common = dict(n_ctx=n_ctx, n_batch=max(2048, n_prompt), n_ubatch=512, n_threads=threads, n_threads_batch=threads,
-                  n_gpu_layers=n_gpu_layers, verbose=False, type_k=cache_type(cache_type_k), type_v=cache_type(cache_type_v))
-    # llama.cpp stores a quantized V only with flash attention on: then that is the one dense path
-    fa_off = None if v_needs_flash_attn(cache_type_v) else DecodeContext(Llama(model, **common))
-    fa_on = DecodeContext(Llama(model, flash_attn=True, **common))
-    # as a sparq_* argument to the constructor would: dense and SparQ runs then share that cache
-    fa_on.llm.sparq_prepare_cache()
-    # another cache type than f16: the default f16 cache's dense paths are what a user could run
-    # instead, so they run here too and count for "best dense"
-    ref = []
-    if (cache_type_k, cache_type_v) != ("f16", "f16"):
-        f16 = dict(common, type_k=cache_type("f16"), type_v=cache_type("f16"))
-        ref = [("dense f16 FA off", DecodeContext(Llama(model, **f16))),
-               ("dense f16 FA on", DecodeContext(Llama(model, flash_attn=True, **f16)))]
-    toks = fa_on.llm.tokenize(text.encode())
-    if len(toks) < max(depths) + max(n_gen, n_prompt):
-        raise ValueError(f"the essays give {len(toks)} tokens, fewer than depth {max(depths)} + {max(n_gen, n_prompt)}")
+    # a shape's contexts are never prefilled: their compute buffers sized for one ubatch of the
+    # prompt timing at most (at 32k, a 512-token ubatch of dense attention without flash attention
+    # would take gigabytes)
+    n_ubatch = 512 if shp is None else max(1, min(512, n_prompt))
+    common = dict(n_ctx=n_ctx, n_batch=max(2048, n_prompt) if shp is None else max(1, n_prompt), n_ubatch=n_ubatch,
+                  n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers, verbose=False)
+    cs = _Contexts(model, shp, common, cache_type_k, cache_type_v, n_gpu_layers, weights)
+    try:
+        if shp is None:
+            from .models import essays_text
 
-    # (label, context, sparq kwargs); dense appears twice: flash attention off and on
-    kv = "" if not ref else (cache_type_k if cache_type_k == cache_type_v else f"{cache_type_k}/{cache_type_v}") + " "
-    runs = ([(f"dense {kv}FA off", fa_off, None)] if fa_off else []) + [(f"dense {kv}FA on", fa_on, None)]
-    runs += [(lab, c, None) for lab, c in ref]
-    runs += [(f"SparQ {lab}", fa_on, kw) for lab, kw in parsed if kw is not None]
+            toks = cs.ctxs["on"].llm.tokenize(essays_text().encode())
+            if len(toks) < max(depths) + max(n_gen, n_prompt):
+                raise ValueError(f"the essays give {len(toks)} tokens, fewer than depth {max(depths)} + {max(n_gen, n_prompt)}")
+            weight_bytes_tok = int(llama_cpp.llama_model_size(cs.ctxs["on"].llm.model))
+        else:
+            rnd = random.Random(0)
+            toks = None
+            weight_bytes_tok = cs.shape_model.weight_bytes_per_token
 
-    rows = []
-    bar = tqdm(total=len(depths) * reps * len(runs), desc=f"bench {model}", file=sys.stderr, disable=not progress)
-    for depth in depths:
-        bar.set_postfix_str(f"depth {depth}: prefill")
-        for c in [fa_off, fa_on] + [c for _, c in ref]:
-            if c:
-                c.prefill(toks[:depth])
-        gen = toks[depth:depth + n_gen]
-        prompt = toks[depth:depth + n_prompt]
-        times = {lab: [] for lab, _, _ in runs}
-        pp_times = {lab: [] for lab, _, _ in runs}
-        sparq_tok = {}
-        for rep in range(reps):
-            order = runs[rep % len(runs):] + runs[:rep % len(runs)]
-            for lab, c, kw in order:
-                bar.set_postfix_str(f"depth {depth}: {lab}")
-                if c is fa_on:
-                    c.llm.set_sparq(SparqParams(**kw) if kw else None)
-                c.decode(gen[:1])  # warm-up: re-reserve after a settings change, mirror rebuild
-                c.llm.sparq_stats(reset=True)
-                times[lab].append(c.decode(gen))
+        # (label, context, sparq kwargs); dense appears twice: flash attention off and on
+        two = (cache_type_k, cache_type_v) != ("f16", "f16")
+        kv = "" if not two else (cache_type_k if cache_type_k == cache_type_v else f"{cache_type_k}/{cache_type_v}") + " "
+        runs = [(f"dense {kv}FA off", cs.ctxs["off"], None)] if "off" in cs.ctxs else []
+        runs += [(f"dense {kv}FA on", cs.ctxs["on"], None)]
+        if two:
+            runs += [("dense f16 FA off", cs.ctxs["f16 off"], None), ("dense f16 FA on", cs.ctxs["f16 on"], None)]
+        runs += [(f"SparQ {lab}", cs.ctxs["on"], kw) for lab, kw in parsed if kw is not None]
+
+        rows = []
+        memory = {}
+        what = model if shp is None else f"shape {label}"
+        bar = tqdm(total=len(depths) * reps * len(runs), desc=f"bench {what}", file=sys.stderr, disable=not progress)
+        for depth in depths:
+            bar.set_postfix_str(f"depth {depth}: " + ("prefill" if shp is None else "fill"))
+            cs.to_depth(depth, toks)
+            if shp is None:
+                gen, prompt = toks[depth:depth + n_gen], toks[depth:depth + n_prompt]
+            else:
+                gen = [rnd.randrange(shp.vocab) for _ in range(n_gen)]
+                prompt = [rnd.randrange(shp.vocab) for _ in range(n_prompt)]
+            times = {lab: [] for lab, _, _ in runs}
+            pp_times = {lab: [] for lab, _, _ in runs}
+            st = {}
+            for rep in range(reps):
+                order = runs[rep % len(runs):] + runs[:rep % len(runs)]
+                for lab, c, kw in order:
+                    bar.set_postfix_str(f"depth {depth}: {lab}")
+                    if c is cs.ctxs["on"]:
+                        c.set_sparq(SparqParams(**kw) if kw else None)
+                    c.decode(gen[:1])  # warm-up: re-reserve after a settings change, mirror rebuild
+                    c.sparq_stats(reset=True)
+                    times[lab].append(c.decode(gen))
+                    if kw:
+                        st[lab] = c.sparq_stats()
+                    if prompt:
+                        pp_times[lab].append(c.prompt(prompt))
+                    bar.update(1)
+            med = {lab: statistics.median(v) for lab, v in times.items()}
+            best = max(med[lab] for lab, _, kw in runs if kw is None)
+            pp_med = {lab: statistics.median(v) for lab, v in pp_times.items() if v}
+            for lab, _, kw in runs:
+                row = {"depth": depth, "setting": lab, "tokens_per_s": med[lab],
+                       "min": min(times[lab]), "max": max(times[lab]), "runs": times[lab],
+                       "x_best_dense": med[lab] / best, "sparq": kw}
                 if kw:  # below min_ctx SparQ falls back to dense: say so in the table
-                    sparq_tok[lab] = c.llm.sparq_stats()["n_tokens_sparq"] / len(gen)
-                if prompt:
-                    pp_times[lab].append(c.prompt(prompt))
-                bar.update(1)
-        med = {lab: statistics.median(v) for lab, v in times.items()}
-        best = max(med[lab] for lab, _, kw in runs if kw is None)
-        pp_med = {lab: statistics.median(v) for lab, v in pp_times.items() if v}
-        for lab, _, kw in runs:
-            row = {"depth": depth, "setting": lab, "tokens_per_s": med[lab],
-                   "min": min(times[lab]), "max": max(times[lab]), "runs": times[lab],
-                   "x_best_dense": med[lab] / best, "sparq": kw,
-                   "sparq_token_fraction": sparq_tok.get(lab)}
-            if pp_med:
-                pp_best = max(pp_med[lab2] for lab2, _, kw2 in runs if kw2 is None)
-                row.update(pp_tokens_per_s=pp_med[lab], pp_runs=pp_times[lab], pp_x_best_dense=pp_med[lab] / pp_best)
-            rows.append(row)
-    bar.close()
-    fa_on.llm.set_sparq(None)
-    for _, c in ref:
-        c.llm.close()
+                    s = st[lab]
+                    row["sparq_token_fraction"] = s["n_tokens_sparq"] / len(gen)
+                    row["read_fraction"] = s["read_fraction"]
+                    row["sparq_extra_bytes"] = s["extra_bytes"]
+                    if s["n_tokens_sparq"] and s["n_layers_sparq"] == s["n_layers"]:
+                        # bytes a dense token reads over what a SparQ token reads: weights + attention
+                        ad = s["bytes_attn_dense"] / s["n_tokens_sparq"]
+                        asp = s["bytes_attn_sparq"] / s["n_tokens_sparq"]
+                        row["bytes_limit"] = (weight_bytes_tok + ad) / (weight_bytes_tok + asp)
+                if pp_med:
+                    pp_best = max(pp_med[lab2] for lab2, _, kw2 in runs if kw2 is None)
+                    row.update(pp_tokens_per_s=pp_med[lab], pp_runs=pp_times[lab], pp_x_best_dense=pp_med[lab] / pp_best)
+                rows.append(row)
+        bar.close()
+        cs.ctxs["on"].set_sparq(None)
+        kvb = cs.kv_bytes(n_ctx)
+        extra = max((r.get("sparq_extra_bytes") or 0 for r in rows), default=0)
+        memory = {"weights_bytes": cs.shape_model.weight_bytes if shp is not None else weight_bytes_tok,
+                  "weight_bytes_per_token": weight_bytes_tok, "n_ctx": n_ctx, "kv_bytes_per_context": kvb,
+                  "n_contexts": len(cs.ctxs), "sparq_extra_bytes": extra,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    finally:
+        cs.close()
 
     result = {
-        **run_info(), "model": model, "threads": threads, "n_gpu_layers": n_gpu_layers, "n_gen": n_gen,
-        "n_prompt": n_prompt, "reps": reps, "depths": depths,
+        **run_info(), "model": model if shp is None else None, "threads": threads, "n_gpu_layers": n_gpu_layers,
+        "n_gen": n_gen, "n_prompt": n_prompt, "reps": reps, "depths": depths,
         "cache_type_k": cache_type_k, "cache_type_v": cache_type_v,
-        "settings": [lab for lab, _, _ in runs], "rows": rows,
+        "settings": [lab for lab, _, _ in runs], "rows": rows, "memory": memory,
     }
+    if shp is not None:
+        from dataclasses import asdict
+
+        result.update(shape=label, shape_sizes=asdict(shp), weights=weights, random_weights=True)
     print(format_result(result, fmt))
     fallback = sorted({r["setting"] for r in rows if r.get("sparq_token_fraction") == 0})
     if fallback:
@@ -221,7 +348,8 @@ def format_result(result: dict, fmt: str = "md") -> str:
 
         return json.dumps(result, indent=1)
     if fmt == "csv":
-        cols = ["depth", "setting", "tokens_per_s", "min", "max", "x_best_dense", "sparq_token_fraction"]
+        cols = ["depth", "setting", "tokens_per_s", "min", "max", "x_best_dense", "bytes_limit", "read_fraction",
+                "sparq_token_fraction"]
         if any("pp_tokens_per_s" in r for r in result["rows"]):
             cols += ["pp_tokens_per_s", "pp_x_best_dense"]
         lines = [",".join(cols)]
@@ -232,20 +360,47 @@ def format_result(result: dict, fmt: str = "md") -> str:
     return table(result)
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def describe_model(result: dict) -> str:
+    if result.get("shape"):
+        from .shapes import Shape
+
+        return (f"shape {result['shape']} ({Shape(**result['shape_sizes']).describe()}), RANDOM {result['weights']} "
+                "weights built in memory: speed only")
+    return f"model {result['model']}"
+
+
 def table(result: dict) -> str:
     pp = any("pp_tokens_per_s" in r for r in result["rows"])
-    lines = [f"model {result['model']}, KV cache {result.get('cache_type_k', 'f16')}/{result.get('cache_type_v', 'f16')}, "
+    lim = any(r.get("bytes_limit") for r in result["rows"])
+    lines = [f"{describe_model(result)}, KV cache {result.get('cache_type_k', 'f16')}/{result.get('cache_type_v', 'f16')}, "
              f"{result['threads']} threads, {result.get('n_gpu_layers', 0)} GPU layers, {result['n_gen']} tokens x "
              f"{result['reps']} runs per setting (median, min..max), commit {result['commit']}", "",
-             "| depth | setting | t/s | min..max | x best dense |" + (f" pp{result.get('n_prompt')} t/s | x best dense |" if pp else ""),
-             "|---:|---|---:|---:|---:|" + ("---:|---:|" if pp else "")]
+             "| depth | setting | t/s | min..max | x best dense |" + (" bytes limit |" if lim else "")
+             + (f" pp{result.get('n_prompt')} t/s | x best dense |" if pp else ""),
+             "|---:|---|---:|---:|---:|" + ("---:|" if lim else "") + ("---:|---:|" if pp else "")]
     for r in result["rows"]:
         note = " (dense fallback)" if r.get("sparq_token_fraction") == 0 else ""
         line = (f"| {r['depth']} | {r['setting']}{note} | {r['tokens_per_s']:.1f} | "
                 f"{r['min']:.1f}..{r['max']:.1f} | {r['x_best_dense']:.2f} |")
+        if lim:
+            line += f" {r['bytes_limit']:.2f} |" if r.get("bytes_limit") else " |"
         if pp:
             line += f" {r['pp_tokens_per_s']:.1f} | {r['pp_x_best_dense']:.2f} |"
         lines.append(line)
+    m = result.get("memory") or {}
+    if lim:
+        lines += ["", "bytes limit: the bytes a dense token reads (weights + K and V at that depth) over the bytes a "
+                  f"SparQ token reads (weights + its share of K/V and the K^T mirror); weights read per token: "
+                  f"{_gib(m.get('weight_bytes_per_token', 0))}"]
+    if m.get("kv_bytes_per_context"):
+        lines.append(f"memory: weights {_gib(m['weights_bytes'])}; K and V cache {_gib(m['kv_bytes_per_context'])} "
+                     f"per context ({m['n_ctx']} cells, {m['n_contexts']} contexts); SparQ adds "
+                     f"{_gib(m['sparq_extra_bytes'])} (K^T mirror and V sums); peak process memory "
+                     f"{_gib(m['peak_rss_bytes'])}")
     return "\n".join(lines)
 
 
@@ -272,7 +427,7 @@ def _plot(result: dict, path: str) -> None:
         a.grid(alpha=0.3)
     a1.set_ylabel("tokens/s")
     a2.set_ylabel("x best dense")
-    fig.suptitle(f"{result['model']}, {result['threads']} threads ({result['machine']['cpu']})", fontsize=9)
+    fig.suptitle(f"{describe_model(result)}, {result['threads']} threads ({result['machine']['cpu']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

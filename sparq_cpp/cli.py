@@ -177,20 +177,44 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from sparq_cpp import bench
 
     # everything is checked before the first model loads
-    _positive("-n/--n-gen", args.n_gen)
-    _positive("-r/--repetitions", args.reps)
+    shape = args.shape is not None
+    if shape:
+        from sparq_cpp.shapes import WEIGHT_TYPES, parse_shape
+
+        parse_shape(args.shape)
+        if args.weights not in WEIGHT_TYPES:
+            raise ValueError(f"--weights must be one of {', '.join(WEIGHT_TYPES)}, got {args.weights!r}")
+        for flag, t in (("-ctk", args.cache_type_k), ("-ctv", args.cache_type_v)):
+            if t not in ("f16", "f32", "bf16", "q8_0", "q4_0"):
+                raise ValueError(f"--shape fills the cache with random rows of f16, f32, bf16, q8_0 or q4_0; {flag} {t} "
+                                 "is not one of them")
+    n_gen = args.n_gen if args.n_gen is not None else (8 if shape else 32)
+    reps = args.reps if args.reps is not None else (3 if shape else 5)
+    _positive("-n/--n-gen", n_gen)
+    _positive("-r/--repetitions", reps)
     _positive("-t/--threads", args.threads)
     if args.n_prompt < 0:
         raise ValueError(f"-p/--n-prompt must be >= 0, got {args.n_prompt}")
-    depths = _int_list("-d/--depths", args.depths, lo=0) if args.depths else (
-        [512, 1024, 2048, 4096, 8000] + ([16384, 32768] if args.model == "gemma3-270m" else []))
-    settings = args.settings.split(",")
+    if args.depths:
+        depths = _int_list("-d/--depths", args.depths, lo=0)
+    elif shape:
+        depths = [8192, 32768]
+    else:
+        depths = [512, 1024, 2048, 4096, 8000] + ([16384, 32768] if args.model == "gemma3-270m" else [])
+    settings = args.settings.split(",") if args.settings else (["1/8", "1/16"] if shape else ["1/4", "1/8", "1/16", "k=64"])
     for s in settings:
         bench.parse_setting(s)  # ValueError before any work
     threads = args.threads or default_threads()
+    if shape:
+        name = args.shape.split(",")[0]
+        out = args.save or f"sparq-cpp-results/bench_shape_{'custom' if '=' in name else name}"
+        bench.run(None, depths, settings, threads, n_gen, reps, out, plot=not args.no_plot,
+                  cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v, n_gpu_layers=args.n_gpu_layers,
+                  n_prompt=args.n_prompt, fmt=args.output, shape=args.shape, weights=args.weights)
+        return 0
     out = args.save or _default_out("bench", [args.model])
-    bench.check(args.model, depths, args.n_gen, args.n_prompt)  # the model file, and tokens enough for the depths
-    bench.run(args.model, depths, settings, threads, args.n_gen, args.reps, out, plot=not args.no_plot,
+    bench.check(args.model, depths, n_gen, args.n_prompt)  # the model file, and tokens enough for the depths
+    bench.run(args.model, depths, settings, threads, n_gen, reps, out, plot=not args.no_plot,
               cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v, n_gpu_layers=args.n_gpu_layers,
               n_prompt=args.n_prompt, fmt=args.output)
     return 0
@@ -328,23 +352,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="decode speed, dense (flash attention off and on) against SparQ")
     b.add_argument("-m", "--model", default="smollm2-135m")
+    b.add_argument("--shape", default=None,
+                   help="instead of a model file: a model shape with random weights built in memory, its cache filled "
+                        "to each depth without a prefill (speed only): llama3-8b, llama3.2-1b, llama3.2-3b, mistral-7b, "
+                        "qwen2.5-7b, qwen2.5-1.5b; with sizes changed (llama3-8b,layers=8) or all given "
+                        "(arch=llama,layers=4,embd=1024,heads=16,kv_heads=4,head_dim=64,ff=2816,vocab=32000)")
+    b.add_argument("--weights", default="q4_0",
+                   help="with --shape: the weights' type, q4_0 (default), q4_k, q5_k, q8_0 or f16 (the output matrix "
+                        "q6_k for the 4- and 5-bit types, as llama-quantize makes it)")
     b.add_argument("-d", "--depths", "--n-depth", default=None,
                    help="comma-separated cache depths, as llama-bench's -d (default 512,1024,2048,4096,8000; "
-                        "+16384,32768 on gemma3-270m)")
-    b.add_argument("-s", "--settings", default="1/4,1/8,1/16,k=64",
+                        "+16384,32768 on gemma3-270m; 8192,32768 with --shape)")
+    b.add_argument("-s", "--settings", default=None,
                    help="comma-separated SparQ settings: compressions (1/8 or 0.125) and fixed k (k=64); "
                         "a suffix :ops runs the portable graph of standard ggml ops instead of the fused op (1/8:ops), "
-                        ":float the float K^T mirror (1/8:float)")
+                        ":float the float K^T mirror (1/8:float) (default 1/4,1/8,1/16,k=64; 1/8,1/16 with --shape)")
     b.add_argument("-t", "--threads", type=int, default=None, help="threads (default: llama.cpp's, the physical cores)")
     b.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all), as llama-bench's -ngl")
-    b.add_argument("-n", "--n-gen", type=int, default=32, help="tokens decoded per run, as llama-bench's -n")
+    b.add_argument("-n", "--n-gen", type=int, default=None,
+                   help="tokens decoded per run, as llama-bench's -n (default 32; 8 with --shape)")
     b.add_argument("-p", "--n-prompt", type=int, default=0,
                    help="also time a prompt of this many tokens at each depth, as llama-bench's -p (default 0: none)")
-    b.add_argument("-r", "--repetitions", dest="reps", type=int, default=5, help="runs per setting and depth (median)")
+    b.add_argument("-r", "--repetitions", dest="reps", type=int, default=None,
+                   help="runs per setting and depth (median; default 5, 3 with --shape)")
     b.add_argument("-o", "--output", choices=("md", "csv", "json"), default="md",
                    help="format of the table printed to stdout, as llama-bench's -o (default md)")
     b.add_argument("--save", default=None, metavar="PREFIX",
-                   help="write PREFIX.json and PREFIX.png (default sparq-cpp-results/bench_<model>)")
+                   help="write PREFIX.json and PREFIX.png (default sparq-cpp-results/bench_<model or shape>)")
     b.add_argument("--no-plot", action="store_true")
     _cache_type_args(b)
     b.set_defaults(func=_cmd_bench)

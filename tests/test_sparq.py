@@ -132,9 +132,12 @@ def _agreement_and_ppl_ratio(dense, sparq, cont):
 # gemma3-270m 0.848 / 0.871, 1.098 / 1.092. Asserted with margins of at least 0.025 in agreement
 # and 0.022 in the ratio on both builds. The fused op and the portable graph with the same mirror
 # differ by their rounding alone, and that moves gemma3's ratio by up to 0.03 (a near tie chosen
-# differently changes the cache of every later token).
+# differently changes the cache of every later token). With the budget planned on each sequence's
+# own length (exactly 0.125 of dense's reads, where the cache's padding made it 0.13-0.15), on an
+# Intel Xeon with AVX-512 and AVX-VNNI (2 / 1 threads): smollm2-135m auto 0.910, 1.009; ops 0.887,
+# 1.054; gemma3-270m auto 0.859 / 0.859, 1.028 / 1.052; ops 0.820 / 0.828, 1.145 / 1.149.
 LEVELS_1_8 = {"auto": {"smollm2-135m": (0.88, 1.04), "gemma3-270m": (0.82, 1.08)},
-              "ops": {"smollm2-135m": (0.85, 1.07), "gemma3-270m": (0.82, 1.12)}}
+              "ops": {"smollm2-135m": (0.85, 1.08), "gemma3-270m": (0.79, 1.18)}}
 
 
 @pytest.mark.parametrize("name", MODELS)
