@@ -421,7 +421,8 @@ def _plot(result: dict, path: str) -> None:
             a2.plot(d, [r["x_best_dense"] for r in rs], marker="o", label=lab, color=colors[lab])
     a2.axhline(1.0, color="gray", lw=0.8)
     for a in (a1, a2):
-        a.set_xscale("log", base=2)
+        if min(result["depths"]) > 0:  # a log axis has no place for depth 0
+            a.set_xscale("log", base=2)
         a.set_xlabel("depth (tokens in the cache)")
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
