@@ -1,5 +1,5 @@
 """Robustness of SparQ decoding: batches of many sequences, settings changed between decodes,
-an exhausted context, and a long generation (issue #9)."""
+an exhausted context, and a long generation."""
 
 import numpy as np
 import pytest
