@@ -144,6 +144,7 @@ _ggml_set_name = _fn("ggml_set_name", C.c_void_p, C.c_void_p, C.c_char_p)
 _ggml_get_name = _fn("ggml_get_name", C.c_char_p, C.c_void_p)
 _ggml_nbytes = _fn("ggml_nbytes", C.c_size_t, C.c_void_p)
 _ggml_row_size = _fn("ggml_row_size", C.c_size_t, C.c_int, C.c_int64)
+_ggml_blck_size = _fn("ggml_blck_size", C.c_int64, C.c_int)
 _ggml_quantize_chunk = _fn("ggml_quantize_chunk", C.c_size_t, C.c_int, C.c_void_p, C.c_void_p, C.c_int64,
                            C.c_int64, C.c_int64, C.c_void_p)
 _ggml_backend_tensor_set = _fn("ggml_backend_tensor_set", None, C.c_void_p, C.c_void_p, C.c_size_t, C.c_size_t)
@@ -243,12 +244,17 @@ class ShapeModel:
                          f"blk.{i}.attn_v.weight": (s.embd, kvd), f"blk.{i}.attn_output.weight": (q, s.embd),
                          f"blk.{i}.ffn_gate.weight": (s.embd, s.ff), f"blk.{i}.ffn_up.weight": (s.embd, s.ff),
                          f"blk.{i}.ffn_down.weight": (s.ff, s.embd)})
+        types = {name: "q6_k" if name == "output.weight" and self.weights in ("q4_0", "q4_k", "q5_k") else self.weights
+                 for name in mats}
+        for name, ne in mats.items():  # ggml would abort on a row that is not whole blocks
+            if ne[0] % _ggml_blck_size(GGML_TYPE[types[name]]):
+                _gguf_free(g)
+                raise ValueError(f"{name}: rows of {ne[0]} values are not whole {types[name]} blocks of "
+                                 f"{_ggml_blck_size(GGML_TYPE[types[name]])}; take other sizes or --weights")
         ctx = _ggml_init(_GgmlInitParams(mem_size=(len(mats) + 8) * 1024, mem_buffer=None, no_alloc=True))
         try:
             for name, ne in mats.items():
-                t = self.weights
-                if name == "output.weight" and self.weights in ("q4_0", "q4_k", "q5_k"):
-                    t = "q6_k"
+                t = types[name]
                 arr = (C.c_int64 * 2)(*ne)
                 tensor = _ggml_new_tensor(ctx, GGML_TYPE[t], 2, arr)
                 _ggml_set_name(tensor, name.encode())

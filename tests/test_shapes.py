@@ -61,6 +61,9 @@ def test_shape_names_and_sizes():
             shapes.parse_shape(text)
     with pytest.raises(ValueError, match="weights must be one of"):
         shapes.ShapeModel(shapes.parse_shape(TINY)[1], "q2_k")
+    # the output matrix is q6_k (blocks of 256) for q4_0 weights: a 288-wide model cannot have it
+    with pytest.raises(ValueError, match="not whole q6_k blocks of 256"):
+        shapes.ShapeModel(shapes.parse_shape(TINY + ",embd=288")[1], "q4_0")
 
 
 def test_model_weights_are_sane_and_counted(tiny):
