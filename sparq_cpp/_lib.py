@@ -89,10 +89,23 @@ struct llama_sparq_stats {
 
 struct llama_context;
 
+struct llama_sparq_layer_plan {
+    int32_t il;
+    int32_t path;
+    int32_t r;
+    int32_t k;
+    int32_t l;
+    int32_t type_kt;
+    double  bytes;
+    double  bytes_dense;
+};
+
 struct llama_sparq_params llama_sparq_default_params(void);
 int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_params * params);
 int32_t llama_sparq_prepare_cache(struct llama_context * ctx);
 int32_t llama_sparq_get(const struct llama_context * ctx, struct llama_sparq_params * params);
+int32_t llama_sparq_plan(const struct llama_context * ctx, const struct llama_sparq_params * params, int32_t n_pos,
+                         struct llama_sparq_layer_plan * out, int32_t n_max);
 int32_t llama_sparq_stats_get(const struct llama_context * ctx, struct llama_sparq_stats * stats);
 void    llama_sparq_stats_reset(struct llama_context * ctx);
 const char * llama_sparq_strerror(int32_t status);

@@ -119,6 +119,17 @@ class Llama(llama_cpp.Llama):
             return None
         return self._sparq_params  # as given (the C struct holds the compression as float32)
 
+    def sparq_plan(self, params: Optional[SparqParams] = None, /, n_pos: Optional[int] = None, **kwargs) -> list:
+        """What SparQ reads at each attention layer for a sequence of ``n_pos`` positions (default:
+        the context's size), before any decode: with the current settings, or with the ones given
+        (a SparqParams or keyword arguments, as set_sparq takes), without setting them. One dict
+        per layer: ``path`` ("dense", "fused" or "ops"), ``r``, ``k``, ``l``, the K^T ``mirror``
+        type, the estimated K/V ``bytes`` a token reads there and ``bytes_dense``, dense's."""
+        p = _params_from(params, kwargs, self.sparq) if (params is not None or kwargs) else self.sparq
+        if p is None:
+            raise ValueError("sparq_plan: SparQ is off; give settings (sparq_plan(compression=1/8)) to see their plan")
+        return _sparq.plan(self._ctx.ctx, p, self.n_ctx() if n_pos is None else n_pos)
+
     def sparq_stats(self, reset: bool = False) -> dict:
         """Counters: tokens decoded with SparQ and dense (while SparQ was set), layers using it,
         estimated attention bytes read against dense, extra memory."""

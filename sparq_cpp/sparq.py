@@ -248,5 +248,25 @@ def stats(ctx_ptr) -> dict:
     return out
 
 
+_MIRROR_TYPES = {0: "f32", 1: "f16", 24: "i8"}  # GGML_TYPE_F32, F16, I8
+
+
+def plan(ctx_ptr, params: SparqParams, n_pos: int) -> list:
+    """The library's plan (llama_sparq_plan) for a sequence of n_pos positions: for each attention
+    layer of the cache SparQ serves, ``path`` ("dense", "fused", "ops"), r, k, l, the K^T mirror's
+    type, and the estimated K/V bytes a token reads there (``bytes``) against dense's
+    (``bytes_dense``). Nothing is set or decoded; SparqError for settings llama_sparq_set refuses."""
+    if not _is_int(n_pos) or n_pos < 0:
+        raise ValueError(f"n_pos must be a non-negative integer, got {n_pos!r}")
+    n = lib.llama_sparq_plan(_ctx(ctx_ptr), params.to_c(), n_pos, ffi.NULL, 0)
+    if n < 0:
+        raise SparqError(SparqStatus(n), f"SparQ settings refused: {ffi.string(lib.llama_sparq_strerror(n)).decode()}")
+    out = ffi.new("struct llama_sparq_layer_plan[]", max(n, 1))
+    lib.llama_sparq_plan(_ctx(ctx_ptr), params.to_c(), n_pos, out, n)
+    return [{"layer": o.il, "path": ("dense", "fused", "ops")[o.path], "r": o.r, "k": o.k, "l": o.l,
+             "mirror": _MIRROR_TYPES.get(o.type_kt) if o.type_kt >= 0 else None,
+             "bytes": o.bytes, "bytes_dense": o.bytes_dense} for o in out[0:n]]
+
+
 def reset_stats(ctx_ptr) -> None:
     lib.llama_sparq_stats_reset(_ctx(ctx_ptr))

@@ -13,7 +13,7 @@ from sparq_cpp._lib import SparqStatus, ffi
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "native" / "src" / "include" / "llama-sparq.h"
-STRUCTS = ("llama_sparq_params", "llama_sparq_stats")
+STRUCTS = ("llama_sparq_params", "llama_sparq_stats", "llama_sparq_layer_plan")
 
 
 def _fields(struct):

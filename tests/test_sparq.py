@@ -475,3 +475,41 @@ print("SAME", a == b, "SPARQ_TOKENS", llm.sparq_stats()["n_tokens_sparq"], "SET"
     assert "AUTO WARNINGS 0 SPARQ_TOKENS 7 OPS 30 OF 30" in r.stdout, r.stdout
     assert "WARNINGS 1" in r.stdout and "SAME True SPARQ_TOKENS 0 SET None" in r.stdout, r.stdout
     assert "has no fused SparQ kernel" in r.stderr  # the library's one log line says why
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_plan_is_what_the_decode_reads(name, essay_text):
+    # llama_sparq_plan, before any SparQ decode, says per layer what a token at that length reads;
+    # the decode's own counters then count exactly that (the fused op, the portable graph, a fixed
+    # k, reallocation's mean row, and a sequence below min_ctx, which stays dense)
+    llm = _llm(name)
+    toks = _tokens(llm, essay_text, 1201)
+    llm.reset()
+    llm.eval(toks[:1200])
+    n_pos = 1201  # the next token sees the 1200 cached positions and itself
+    for kw in (dict(compression=1 / 8), dict(compression=1 / 8, path="ops"), dict(k=64),
+               dict(compression=1 / 4, realloc=True), dict(compression=1 / 8, min_ctx=2000)):
+        plan = llm.sparq_plan(n_pos=n_pos, **kw)
+        assert llm.sparq is None  # nothing was set
+        llm.set_sparq(**kw)
+        llm.sparq_stats(reset=True)
+        llm.eval([toks[1200]])
+        st = llm.sparq_stats()
+        llm.n_tokens = 1200
+        took = [p for p in plan if p["path"] != "dense"]
+        if kw.get("min_ctx") == 2000:
+            assert not took and st["n_tokens_sparq"] == 0, kw
+        else:
+            assert st["n_tokens_sparq"] == 1 and len(took) == st["n_layers_sparq"] > 0, kw
+            assert all(p["path"] == ("ops" if kw.get("path") == "ops" else "fused") for p in took), kw
+            assert sum(p["bytes"] for p in took) == pytest.approx(st["bytes_attn_sparq"], rel=1e-9), kw
+            assert sum(p["bytes_dense"] for p in took) == pytest.approx(st["bytes_attn_dense"], rel=1e-9), kw
+            if "k" in kw:
+                assert all(p["k"] == 64 for p in took)
+            else:
+                assert all(p["l"] == p["k"] // 4 and 0 < p["k"] < n_pos for p in took)
+        llm.set_sparq(None)
+    with pytest.raises(ValueError, match="SparQ is off"):
+        llm.sparq_plan()
+    with pytest.raises(ValueError):
+        llm.sparq_plan(compression=2.0)

@@ -82,6 +82,28 @@ struct llama_sparq_stats {
     int32_t n_layers_ops;     // of n_layers_sparq, layers that run the portable graph (the others: the fused op)
 };
 
+// One attention layer's SparQ plan for a sequence of n_pos positions (llama_sparq_plan)
+struct llama_sparq_layer_plan {
+    int32_t il;           // the model's layer
+    int32_t path;         // 0: dense (the layer cannot take SparQ, or the sequence is shorter than
+                          // what SparQ replaces dense attention from), 1: the fused op, 2: the portable graph
+    int32_t r;            // query components of the approximate scores (step 1)
+    int32_t k;            // positions whose K and V rows are read (the window included); n_pos when dense
+    int32_t l;            // the local window, the last l positions, always among the k
+    int32_t type_kt;      // ggml_type of the K^T mirror step 2 reads (GGML_TYPE_I8, F16 or F32); -1 when dense
+    double  bytes;        // estimated K/V bytes a token reads in this layer (mirror included)
+    double  bytes_dense;  // what dense attention reads there
+};
+
+// What llama_sparq_set(ctx, params) would do for a sequence of n_pos positions, without doing it
+// or decoding anything: for each attention layer of the cache SparQ serves (up to n_max, in cache
+// order), which path, r, k, l and mirror. The one budget plan: the decode runs exactly it.
+// Returns the number of layers (those past n_max are not written), or the negative status
+// llama_sparq_set would return for these settings (LLAMA_SPARQ_ERR_NULL for a NULL ctx or params,
+// LLAMA_SPARQ_ERR_V_TRANS where V is stored transposed, ...); 0 where no cache can take SparQ.
+LLAMA_API int32_t llama_sparq_plan(const struct llama_context * ctx, const struct llama_sparq_params * params,
+                                   int32_t n_pos, struct llama_sparq_layer_plan * out, int32_t n_max);
+
 LLAMA_API struct llama_sparq_params llama_sparq_default_params(void);
 
 // Turn SparQ on (or change its settings) for decoding with ctx; params == NULL turns it off and

@@ -308,6 +308,67 @@ int32_t llama_sparq_prepare_cache(struct llama_context * ctx) {
     return sparq_prepare_cache(*kv, __func__);
 }
 
+// Which layers of a cache take SparQ with these settings, through which path, with which mirror,
+// and whether a compression leaves room for rows after step 2 (llama_sparq_set, llama_sparq_plan)
+struct sparq_layers {
+    std::vector<bool> eligible, ops;
+    std::vector<ggml_type> kt_types;  // GGML_TYPE_COUNT: the layer stays dense
+    const char * why_not = nullptr;   // why the last refused layer was refused
+    bool compression_too_small = false;
+};
+
+static sparq_layers sparq_plan_layers(const llama_kv_cache & kv, const llama_sparq_params & p) {
+    const auto & hp = cache_internals::hparams(kv);
+    const int32_t layer_end = p.layer_end == -1 ? (int32_t) hp.n_layer() : p.layer_end;
+    const size_t n_layers = cache_internals::n_layers(kv);
+    sparq_layers out;
+    out.eligible.assign(n_layers, false);
+    out.ops.assign(n_layers, false);
+    out.kt_types.assign(n_layers, GGML_TYPE_COUNT);
+    int64_t n_embd_kt = -1;
+    for (size_t ikv = 0; ikv < n_layers; ++ikv) {
+        const int32_t il = (int32_t) cache_internals::il(kv, ikv);
+        if (il < p.layer_start || il >= layer_end) {
+            continue;
+        }
+        const char * why = sparq_layer_unsupported(kv, ikv);
+        if (why == nullptr && n_embd_kt != -1 && cache_internals::k(kv, ikv)->ne[0] != n_embd_kt) {
+            why = "K width differs from the first SparQ layer";
+        }
+        bool ops = false;
+        if (why == nullptr && p.path != LLAMA_SPARQ_PATH_OPS) {
+            ops = !layer_has_fused_op(kv, ikv, llama_sparq_mirror_type(cache_internals::k(kv, ikv)->type, false));
+            if (ops && p.path == LLAMA_SPARQ_PATH_FUSED) {
+                why = layer_on_rpc(kv, ikv) ? "the layer is on an RPC server, which cannot say whether it has the fused SparQ kernel (path = fused)"
+                                            : "the layer's backend has no fused SparQ kernel (path = fused)";
+            }
+        } else if (why == nullptr) {
+            ops = true;
+        }
+        if (why != nullptr) {
+            out.why_not = why;
+            continue;
+        }
+        n_embd_kt = cache_internals::k(kv, ikv)->ne[0];
+        out.eligible[ikv] = true;
+        out.ops[ikv] = ops;
+        // the mirror's type: INT8 where the fused op reads it (and the backend's kernel takes it)
+        const ggml_type type_k = cache_internals::k(kv, ikv)->type;
+        const bool i8 = !ops && p.mirror == LLAMA_SPARQ_MIRROR_AUTO && type_k != GGML_TYPE_F32 &&
+                        layer_has_fused_op(kv, ikv, GGML_TYPE_I8);
+        out.kt_types[ikv] = llama_sparq_mirror_type(type_k, i8);
+        if (p.k == 0) {  // room for rows after step 2, per mirror
+            const ggml_tensor * k = cache_internals::k(kv, ikv), * v = cache_internals::v(kv, ikv);
+            const int64_t d = hp.n_embd_head_k(il);
+            const llama_sparq_bytes b = llama_sparq_layer_bytes(out.kt_types[ikv], k->type, v->type, d, d);
+            if (p.compression - step2_share(llama_sparq_resolve(p, d, 1, &b).r, d, &b) <= 0.0) {
+                out.compression_too_small = true;
+            }
+        }
+    }
+    return out;
+}
+
 int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_params * params) {
     if (ctx == nullptr) {
         return LLAMA_SPARQ_ERR_NULL;
@@ -343,57 +404,18 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
         return LLAMA_SPARQ_ERR_V_TRANS;
     }
 
-    // which layers can take SparQ
+    // which layers can take SparQ, and whether the compression leaves room for rows
     const auto & hp = cache_internals::hparams(*kv);
-    const int32_t layer_end = params->layer_end == -1 ? (int32_t) hp.n_layer() : params->layer_end;
     const size_t n_layers = cache_internals::n_layers(*kv);
-    std::vector<bool> eligible(n_layers, false), ops(n_layers, false);
-    std::vector<ggml_type> kt_types(n_layers, GGML_TYPE_COUNT);
-    const char * why_not = nullptr;
-    int64_t n_embd_kt = -1;
-    for (size_t ikv = 0; ikv < n_layers; ++ikv) {
-        const int32_t il = (int32_t) cache_internals::il(*kv, ikv);
-        if (il < params->layer_start || il >= layer_end) {
-            continue;
-        }
-        const char * why = sparq_layer_unsupported(*kv, ikv);
-        if (why == nullptr && n_embd_kt != -1 && cache_internals::k(*kv, ikv)->ne[0] != n_embd_kt) {
-            why = "K width differs from the first SparQ layer";
-        }
-        if (why == nullptr && params->path != LLAMA_SPARQ_PATH_OPS) {
-            ops[ikv] = !layer_has_fused_op(*kv, ikv, llama_sparq_mirror_type(cache_internals::k(*kv, ikv)->type, false));
-            if (ops[ikv] && params->path == LLAMA_SPARQ_PATH_FUSED) {
-                why = layer_on_rpc(*kv, ikv) ? "the layer is on an RPC server, which cannot say whether it has the fused SparQ kernel (path = fused)"
-                                             : "the layer's backend has no fused SparQ kernel (path = fused)";
-            }
-        } else if (why == nullptr) {
-            ops[ikv] = true;
-        }
-        if (why != nullptr) {
-            why_not = why;
-            ops[ikv] = false;
-            continue;
-        }
-        n_embd_kt = cache_internals::k(*kv, ikv)->ne[0];
-        eligible[ikv] = true;
-        // the mirror's type: INT8 where the fused op reads it (and the backend's kernel takes it)
-        const ggml_type type_k = cache_internals::k(*kv, ikv)->type;
-        const bool i8 = !ops[ikv] && params->mirror == LLAMA_SPARQ_MIRROR_AUTO && type_k != GGML_TYPE_F32 &&
-                        layer_has_fused_op(*kv, ikv, GGML_TYPE_I8);
-        kt_types[ikv] = llama_sparq_mirror_type(type_k, i8);
+    const sparq_layers lay = sparq_plan_layers(*kv, *params);
+    if (lay.compression_too_small) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_sparq_strerror(LLAMA_SPARQ_ERR_COMPRESSION));
+        return LLAMA_SPARQ_ERR_COMPRESSION;
     }
-    for (size_t ikv = 0; ikv < n_layers && params->k == 0; ++ikv) {  // room for rows after step 2, per mirror
-        if (!eligible[ikv]) {
-            continue;
-        }
-        const ggml_tensor * k = cache_internals::k(*kv, ikv), * v = cache_internals::v(*kv, ikv);
-        const int64_t d = hp.n_embd_head_k(cache_internals::il(*kv, ikv));
-        const llama_sparq_bytes b = llama_sparq_layer_bytes(kt_types[ikv], k->type, v->type, d, d);
-        if (params->compression - step2_share(llama_sparq_resolve(*params, d, 1, &b).r, d, &b) <= 0.0) {
-            LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_sparq_strerror(LLAMA_SPARQ_ERR_COMPRESSION));
-            return LLAMA_SPARQ_ERR_COMPRESSION;
-        }
-    }
+    const std::vector<bool> & eligible = lay.eligible;
+    const std::vector<bool> & ops = lay.ops;
+    const std::vector<ggml_type> & kt_types = lay.kt_types;
+    const char * why_not = lay.why_not;
     // a context shorter than min_ctx per sequence would never take SparQ: say so, allocate nothing
     const int32_t min_ctx = params->min_ctx == -1 ? LLAMA_SPARQ_DEFAULT_MIN_CTX : params->min_ctx;
     std::string reason;
@@ -449,6 +471,69 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
             params->k > 0 ? (double) params->k : (double) params->compression, params->r, params->l,
             realloc ? "on" : "off", st.min_ctx, why_not ? "; others dense: " : "", why_not ? why_not : "");
     return LLAMA_SPARQ_OK;
+}
+
+int32_t llama_sparq_plan(const struct llama_context * ctx, const struct llama_sparq_params * params,
+                         int32_t n_pos, struct llama_sparq_layer_plan * out, int32_t n_max) {
+    if (ctx == nullptr || params == nullptr || n_pos < 0 || (out == nullptr && n_max > 0)) {
+        return LLAMA_SPARQ_ERR_NULL;
+    }
+    int32_t n_layers_all = 0;
+    const llama_kv_cache * kv = sparq_cache(ctx, &n_layers_all);
+    const int32_t err = sparq_validate(*params, kv);
+    if (err != LLAMA_SPARQ_OK) {
+        return err;
+    }
+    if (kv == nullptr || cache_internals::shares_cells(*kv)) {
+        return 0;
+    }
+    if (cache_internals::v_trans(*kv)) {
+        return LLAMA_SPARQ_ERR_V_TRANS;
+    }
+    const sparq_layers lay = sparq_plan_layers(*kv, *params);
+    if (lay.compression_too_small) {
+        return LLAMA_SPARQ_ERR_COMPRESSION;
+    }
+    const auto & hp = cache_internals::hparams(*kv);
+    const int32_t n_layers = (int32_t) cache_internals::n_layers(*kv);
+    const int32_t min_ctx = params->min_ctx == -1 ? LLAMA_SPARQ_DEFAULT_MIN_CTX : params->min_ctx;
+    const bool realloc = params->mean_realloc == -1 ? hp.n_head(cache_internals::il(*kv, 0)) == hp.n_head_kv(cache_internals::il(*kv, 0))
+                                                   : params->mean_realloc == 1;
+    for (int32_t ikv = 0; ikv < n_layers && ikv < n_max; ++ikv) {
+        const int32_t il = (int32_t) cache_internals::il(*kv, ikv);
+        const ggml_tensor * k = cache_internals::k(*kv, ikv), * v = cache_internals::v(*kv, ikv);
+        const int64_t d = hp.n_embd_head_k(il);
+        const int64_t n_head_kv = hp.n_head_kv(il);
+        llama_sparq_layer_plan & o = out[ikv];
+        o.il = il;
+        o.bytes_dense = (double) n_pos * n_head_kv * (ggml_row_size(k->type, d) + ggml_row_size(v->type, hp.n_embd_head_v(il)));
+        o.path = 0, o.r = 0, o.k = n_pos, o.l = 0, o.type_kt = -1, o.bytes = o.bytes_dense;
+        // a decode takes SparQ from min_ctx positions on, and a fixed k below the cache's length
+        if (!lay.eligible[ikv] || n_pos < min_ctx || (params->k > 0 && params->k >= n_pos)) {
+            continue;
+        }
+        // what each query reads, as the decode's counters count it (llama-sparq-graph.cpp): the
+        // fused op with the query's own budget (query_budget), the portable graph with k for all
+        const bool fused = !lay.ops[ikv];
+        const llama_sparq_bytes b = llama_sparq_layer_bytes(lay.kt_types[ikv], k->type, v->type, d, d);
+        const llama_sparq_layer_cfg c = llama_sparq_resolve(*params, d, n_pos, &b);
+        if (fused && n_pos < c.min_vis) {
+            continue;
+        }
+        int64_t kk = std::min<int64_t>(c.k, n_pos);
+        int32_t ll = c.l;
+        if (fused && c.k_frac > 0.0f) {
+            kk = std::clamp<int64_t>(std::lround((double) c.k_frac*n_pos), 1, c.k);
+            ll = c.l_div > 0 ? (int32_t) kk/c.l_div : std::min<int32_t>(c.l, (int32_t) kk);
+        }
+        o.path = fused ? 1 : 2;
+        o.r = c.r, o.k = (int32_t) kk, o.l = ll, o.type_kt = (int32_t) lay.kt_types[ikv];
+        if (!(fused && kk >= n_pos)) {  // a fused query that selects every row reads as dense does
+            const double vmean = realloc ? hp.n_embd_head_v(il)*sizeof(float) : 0.0;
+            o.bytes = n_head_kv*((double) n_pos*(c.r*b.mirror_elem + b.mirror_pos) + (double) kk*b.kv_row + vmean);
+        }
+    }
+    return n_layers;
 }
 
 int32_t llama_sparq_get(const struct llama_context * ctx, struct llama_sparq_params * params) {
