@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
 from ._lib import llama_cpp
 from .bench import DecodeContext
-from .kv_types import ELEMENT_BYTES, cache_type
+from .kv_types import cache_type
 from .models import head_size
 from .runinfo import run_info, save_outputs
 
@@ -43,25 +43,15 @@ def _label(c: float) -> str:
     return f"1/{round(1 / c)}"
 
 
-def planned_k(c: float, head_dim: int, context: int, type_k: str = "f16", type_v: str = "f16") -> float:
-    """k as the library plans it for compression c with the default r and mirror (llama_sparq_resolve):
-    an int8 mirror (f16 and q8_0 caches) costs r + 1 bytes per position against dense's K and V rows,
-    a float mirror r elements against 2*head_dim."""
-    r = max(1, round(c * head_dim))
-    if type_k == "f32":
-        return (c - r / (2 * head_dim)) * context
-    return (c - (r + 1) / (head_dim * (ELEMENT_BYTES[type_k] + ELEMENT_BYTES[type_v]))) * context
-
-
-def settings(head_dim: int, context: int, compressions=COMPRESSIONS, type_k: str = "f16",
-             type_v: str = "f16") -> List[dict]:
-    """(label, group, set_sparq kwargs) for the teacher-forced table."""
+def settings(head_dim: int, context: int, planned_k: Callable[[float], int], compressions=COMPRESSIONS) -> List[dict]:
+    """(label, group, set_sparq kwargs) for the teacher-forced table; planned_k(c): the k the
+    library plans for compression c at this context (Llama.sparq_plan)."""
     out = [dict(label=_label(c), group="compression", c=c, kw=dict(compression=c)) for c in compressions]
     c = 1 / 8
     # the int8 mirror's bytes: spent on rows (the default), or on components (r = d/4, k about
     # n_kv/16); and the float mirror reading the int8 default's rows (what its quantization costs)
     r8 = max(1, round(c * head_dim))
-    k8i = planned_k(c, head_dim, context, type_k, type_v) / context
+    k8i = planned_k(c) / context
     out += [dict(label="1/8 float mirror", group="ablation", c=c, kw=dict(compression=c, mirror="float")),
             dict(label="1/8 r=d/4 (int8 bytes to step 2)", group="ablation", c=c, kw=dict(compression=c, r=2 * r8)),
             dict(label="1/8 float mirror, int8's rows", group="ablation", c=c,
@@ -76,7 +66,7 @@ def settings(head_dim: int, context: int, compressions=COMPRESSIONS, type_k: str
             dict(label="1/8 no tau, r=d/16", group="ablation", c=c,
                  kw=dict(compression=c, no_tau=True, r=max(1, head_dim // 16)))]
     # the local window's share of k (default k/4); k as the planner sets it for this context
-    k8 = planned_k(c, head_dim, context, type_k, type_v)
+    k8 = planned_k(c)
     out += [dict(label=f"1/8 l=k/{f}", group="ablation", c=c, kw=dict(compression=c, l=max(1, round(k8 / f))))
             for f in (8, 2)]
     for c in compressions:
@@ -110,11 +100,11 @@ def parse_spec(spec) -> List[tuple]:
     return out
 
 
-def chosen_settings(spec, head_dim: int, context: int, type_k: str = "f16", type_v: str = "f16") -> List[dict]:
+def chosen_settings(spec, head_dim: int, context: int, planned_k: Callable[[float], int]) -> List[dict]:
     """The teacher-forcing settings an -s spec names (parse_spec), in its order."""
     parsed = parse_spec(spec)
     comps = [kw["compression"] for _, _, kw in parsed if kw is not None and set(kw) == {"compression"}]
-    every = settings(head_dim, context, tuple(comps) or COMPRESSIONS, type_k=type_k, type_v=type_v)
+    every = settings(head_dim, context, planned_k, tuple(comps) or COMPRESSIONS)
     out = []
     for item, lab, kw in parsed:
         if item == "ablations":
@@ -149,6 +139,11 @@ class _Model(DecodeContext):
 
     def logits(self) -> np.ndarray:
         return last_logits(self.llm)
+
+    def planned_k(self, c: float, n_pos: int) -> int:
+        """k of the first SparQ layer as the library plans compression c for n_pos positions."""
+        plan = self.llm.sparq_plan(compression=c, min_ctx=0, n_pos=n_pos)
+        return next((p["k"] for p in plan if p["path"] != "dense"), n_pos)
 
     def feed(self, start: int, tokens: List[int]) -> np.ndarray:
         """Back to `start` cached tokens, then feed `tokens` one at a time: their logits."""
@@ -219,7 +214,7 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
 
         # teacher forcing
         def tf_settings(C: int) -> List[dict]:
-            return [s for s in chosen_settings(spec, m.head_dim, C, type_k=cache_type_k, type_v=cache_type_v)
+            return [s for s in chosen_settings(spec, m.head_dim, C, lambda c: m.planned_k(c, C))
                     if labels is None or s["label"] in labels]
 
         n_tf = sum(len(tf_settings(c)) + 1 for c in ctxs)
@@ -249,7 +244,8 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
         q = m.llm.tokenize(QUESTION.encode(), add_bos=False)
         # dense and the plain SparQ settings of the spec (not the ablations nor the window)
         answer_settings = [("dense", None, None)] + [
-            (x["label"], x["c"], x["kw"]) for x in chosen_settings(spec, m.head_dim, max(nctxs or [1]))
+            (x["label"], x["c"], x["kw"]) for x in chosen_settings(spec, m.head_dim, max(nctxs or [1]),
+                                                                  lambda c: m.planned_k(c, max(nctxs or [1])))
             if x["group"] in ("compression", "setting")]
         if "needle" in parts:
             bar = tqdm(total=len(nctxs) * len(DEPTHS), desc=f"eval {name}: needle", file=sys.stderr,

@@ -18,10 +18,6 @@ def cache_type(name: str) -> int:
     return getattr(llama_cpp, f"GGML_TYPE_{name.upper()}")
 
 
-# bytes per element of a K or V row (q8_0: 34-byte blocks of 32)
-ELEMENT_BYTES = {"f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
-
-
 def v_needs_flash_attn(name: str) -> bool:
     """llama.cpp stores a quantized V only with flash attention on (V row-major)."""
     return name not in ("f16", "f32")
