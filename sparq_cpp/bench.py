@@ -146,9 +146,9 @@ def check(model: str, depths: List[int], n_gen: int, n_prompt: int = 0) -> int:
 
 class _Contexts:
     """The contexts a bench compares, over one model: flash attention off (dense only; absent where
-    the cache type needs it on), on (dense and SparQ, one cache), and for another cache type than
-    f16 the f16 cache's two dense paths; ``to_depth`` brings each to a depth, ``tokens`` gives
-    the tokens decoded there."""
+    the cache type needs it on: llama.cpp stores a quantized V only with it), on (dense and SparQ,
+    one cache), and for another cache type than f16 the f16 cache's two dense paths (what a user
+    could run instead, so they count for "best dense"); ``to_depth`` brings each to a depth."""
 
     def __init__(self, model: Optional[str], shape, common: dict, cache_type_k: str, cache_type_v: str,
                  n_gpu_layers: int, weights: str):
@@ -260,7 +260,6 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
         runs += [(f"SparQ {lab}", cs.ctxs["on"], kw) for lab, kw in parsed if kw is not None]
 
         rows = []
-        memory = {}
         what = model if shp is None else f"shape {label}"
         bar = tqdm(total=len(depths) * reps * len(runs), desc=f"bench {what}", file=sys.stderr, disable=not progress)
         for depth in depths:
