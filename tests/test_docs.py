@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# "issue 21", "issue #9", "issues 3 and 4", "commit 271fdc2", not after "llama.cpp "
+# an issue or issues with a number (a # before it or not), or the word commit and a hex hash of
+# 7 to 40 digits; not after "llama.cpp "
 HISTORY = re.compile(r"(?<!llama\.cpp )\b(issues? #?\d+|commit [0-9a-f]{7,40}\b)", re.IGNORECASE)
 ALSO = re.compile(r"for lack of time|in an earlier session|this session", re.IGNORECASE)
 SKIP = ("docs/results.md", "results/", "tests/test_docs.py")
