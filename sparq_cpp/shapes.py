@@ -184,7 +184,7 @@ class ShapeModel:
     frees it. ``weight_bytes_per_token``: the weight bytes one decoded token reads (every matrix,
     one row of the token embeddings)."""
 
-    _PATTERN_ROWS = 256  # random rows per (type, row length), repeated from a random row per tensor
+    _PATTERN_ROWS = 256  # random rows per (type, row length, scale), repeated from a random row per tensor
 
     def __init__(self, shape: Shape, weights: str = "q4_0", n_gpu_layers: int = 0, seed: int = 0,
                  verbose: bool = False):
@@ -197,7 +197,7 @@ class ShapeModel:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_TYPES)}, got {weights!r}")
         self.shape, self.weights, self.seed = shape, weights, seed
         self._rng = np.random.default_rng(seed)
-        self._patterns: Dict[Tuple[str, int], np.ndarray] = {}
+        self._patterns: Dict[Tuple[str, int, float], np.ndarray] = {}
         self._types: Dict[str, Tuple[str, Tuple[int, ...]]] = {}  # name -> (type, ne) of the quantized matrices
         self.model = None
         self._gguf = self._header()
@@ -265,7 +265,7 @@ class ShapeModel:
         return g
 
     def _pattern(self, type_name: str, n: int, scale: float) -> np.ndarray:
-        key = (type_name, n)
+        key = (type_name, n, scale)  # the token embeddings (scale 1) share a row length with the projections
         if key not in self._patterns:
             rows = self._rng.standard_normal((self._PATTERN_ROWS, n), dtype=np.float32) * np.float32(scale)
             blob = _quantize(type_name, rows)
