@@ -86,10 +86,7 @@ class DecodeContext:
         sparq.apply(self.ctx, params)
 
     def sparq_stats(self, reset: bool = False) -> dict:
-        out = sparq.stats(self.ctx)
-        if reset:
-            sparq.reset_stats(self.ctx)
-        return out
+        return sparq.stats(self.ctx, reset)
 
     def prompt(self, tokens: List[int]) -> float:
         """tokens/s processing these as one prompt batch after the prefill; the cache is restored after."""
@@ -151,7 +148,7 @@ class _Contexts:
     could run instead, so they count for "best dense"); ``to_depth`` brings each to a depth."""
 
     def __init__(self, model: Optional[str], shape, common: dict, cache_type_k: str, cache_type_v: str,
-                 n_gpu_layers: int, weights: str):
+                 weights: str):
         self.shape_model = None
         specs = [] if v_needs_flash_attn(cache_type_v) else [("off", False, cache_type_k, cache_type_v)]
         specs.append(("on", True, cache_type_k, cache_type_v))
@@ -168,7 +165,7 @@ class _Contexts:
 
             from .shapes import ShapeModel
 
-            self.shape_model = ShapeModel(shape, weights, n_gpu_layers)
+            self.shape_model = ShapeModel(shape, weights, common["n_gpu_layers"])
             self.ctxs = {}
             for name, fa, tk, tv in specs:
                 p = llama_cpp.llama_context_default_params()
@@ -198,9 +195,7 @@ class _Contexts:
     def kv_bytes(self, n_ctx: int) -> Optional[int]:
         """A context's K and V bytes for n_ctx cells (shapes: from the cache layout after a fill)."""
         lay = getattr(self.ctxs["on"], "layout", None)
-        if lay is None:
-            return None
-        return n_ctx * (sum(r for _, r in lay.k) + sum(a * (c or 1) for _, a, c in lay.v))
+        return None if lay is None else n_ctx * lay.cell_bytes()
 
     def close(self) -> None:
         for c in self.ctxs.values():
@@ -236,7 +231,7 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
     n_ubatch = 512 if shp is None else max(1, min(512, n_prompt))
     common = dict(n_ctx=n_ctx, n_batch=max(2048, n_prompt) if shp is None else max(1, n_prompt), n_ubatch=n_ubatch,
                   n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers, verbose=False)
-    cs = _Contexts(model, shp, common, cache_type_k, cache_type_v, n_gpu_layers, weights)
+    cs = _Contexts(model, shp, common, cache_type_k, cache_type_v, weights)
     try:
         if shp is None:
             from .models import essays_text

@@ -179,15 +179,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # everything is checked before the first model loads
     shape = args.shape is not None
     if shape:
-        from sparq_cpp.shapes import WEIGHT_TYPES, parse_shape
+        from sparq_cpp.shapes import FILL_CACHE_TYPES, WEIGHT_TYPES, parse_shape
 
         parse_shape(args.shape)
         if args.weights not in WEIGHT_TYPES:
             raise ValueError(f"--weights must be one of {', '.join(WEIGHT_TYPES)}, got {args.weights!r}")
         for flag, t in (("-ctk", args.cache_type_k), ("-ctv", args.cache_type_v)):
-            if t not in ("f16", "f32", "bf16", "q8_0", "q4_0"):
-                raise ValueError(f"--shape fills the cache with random rows of f16, f32, bf16, q8_0 or q4_0; {flag} {t} "
-                                 "is not one of them")
+            if t not in FILL_CACHE_TYPES:
+                raise ValueError(f"--shape fills the cache with random rows of {', '.join(FILL_CACHE_TYPES)}; "
+                                 f"{flag} {t} is not one of them")
     n_gen = args.n_gen if args.n_gen is not None else (8 if shape else 32)
     reps = args.reps if args.reps is not None else (3 if shape else 5)
     _positive("-n/--n-gen", n_gen)

@@ -133,10 +133,7 @@ class Llama(llama_cpp.Llama):
     def sparq_stats(self, reset: bool = False) -> dict:
         """Counters: tokens decoded with SparQ and dense (while SparQ was set), layers using it,
         estimated attention bytes read against dense, extra memory."""
-        out = _sparq.stats(self._ctx.ctx)
-        if reset:
-            _sparq.reset_stats(self._ctx.ctx)
-        return out
+        return _sparq.stats(self._ctx.ctx, reset)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -184,7 +181,4 @@ def set_sparq(llm: llama_cpp.Llama, params: Optional[SparqParams] = None, /, **k
 
 def sparq_stats(llm: llama_cpp.Llama, reset: bool = False) -> dict:
     """``Llama.sparq_stats`` for any ``llama_cpp.Llama`` on this library."""
-    out = _sparq.stats(llm._ctx.ctx)
-    if reset:
-        _sparq.reset_stats(llm._ctx.ctx)
-    return out
+    return _sparq.stats(llm._ctx.ctx, reset)

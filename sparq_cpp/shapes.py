@@ -33,7 +33,8 @@ __all__ = ["Shape", "SHAPES", "parse_shape", "ShapeModel", "SeqStateLayout", "WE
 
 @dataclass(frozen=True)
 class Shape:
-    """The sizes that set a decoder's speed. ``qkv_bias``: the Qwen 2 family's Q/K/V biases."""
+    """The sizes that set a decoder's speed (libllama gives every shape the biases its architecture
+    may have: Qwen 2's Q/K/V biases are there without a field for them)."""
 
     arch: str
     layers: int
@@ -44,7 +45,6 @@ class Shape:
     ff: int
     vocab: int
     rope_base: float = 10000.0
-    qkv_bias: bool = False
 
     def describe(self) -> str:
         return (f"{self.arch}, {self.layers} layers, embedding {self.embd}, {self.heads} query / {self.kv_heads} KV "
@@ -57,8 +57,8 @@ SHAPES: Dict[str, Shape] = {
     "llama3.2-1b": Shape("llama", 16, 2048, 32, 8, 64, 8192, 128256, 500000.0),
     "llama3.2-3b": Shape("llama", 28, 3072, 24, 8, 128, 8192, 128256, 500000.0),
     "mistral-7b": Shape("llama", 32, 4096, 32, 8, 128, 14336, 32768, 1000000.0),
-    "qwen2.5-7b": Shape("qwen2", 28, 3584, 28, 4, 128, 18944, 152064, 1000000.0, qkv_bias=True),
-    "qwen2.5-1.5b": Shape("qwen2", 28, 1536, 12, 2, 128, 8960, 151936, 1000000.0, qkv_bias=True),
+    "qwen2.5-7b": Shape("qwen2", 28, 3584, 28, 4, 128, 18944, 152064, 1000000.0),
+    "qwen2.5-1.5b": Shape("qwen2", 28, 1536, 12, 2, 128, 8960, 151936, 1000000.0),
 }
 
 _ARCHS = ("llama", "qwen2")
@@ -92,8 +92,6 @@ def parse_shape(text: str) -> Tuple[str, Shape]:
                 raise ValueError(f"--shape {text!r}: {key} takes an integer, got {val!r}") from None
         elif key == "rope_base":
             kv[key] = float(val)
-        elif key == "qkv_bias":
-            kv[key] = val.strip().lower() in ("1", "true", "yes", "on")
         else:
             kv[key] = val.strip()
     if base is None:
@@ -122,6 +120,9 @@ def parse_shape(text: str) -> Tuple[str, Shape]:
 _lib = llama_cpp.llama_cpp._lib
 GGML_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13,
              "q6_k": 14, "bf16": 30}
+_TYPE_NAMES = {v: k for k, v in GGML_TYPE.items()}
+# cache types a random fill writes (random_rows)
+FILL_CACHE_TYPES = ("f16", "f32", "bf16", "q8_0", "q4_0")
 # weights the bench builds: llama-quantize's pure types (every matrix but the output in this type,
 # the output matrix in q6_k as llama-quantize makes it for q4 and q5 types)
 WEIGHT_TYPES = ("q4_0", "q4_k", "q5_k", "q8_0", "f16")
@@ -167,8 +168,6 @@ def _quantize(type_name: str, values: np.ndarray) -> bytes:
     values = np.ascontiguousarray(values, dtype=np.float32)
     nrows, n = values.shape
     t = GGML_TYPE[type_name]
-    if type_name == "f32":
-        return values.tobytes()
     if type_name == "f16":
         return values.astype(np.float16).tobytes()
     out = C.create_string_buffer(_ggml_row_size(t, n) * nrows)
@@ -371,11 +370,19 @@ class SeqStateLayout:
                              "(a cache with more per-cell data than the llama family's)")
         return cls(bool(v_trans), k_layout, v_layout), cells, ks, vs
 
+    def v_row_bytes(self, il: int) -> int:
+        """Bytes of one cell's V in layer il (a row, or its elements when V is transposed)."""
+        _, a, n = self.v[il]
+        return a * (n or 1)
+
+    def cell_bytes(self) -> int:
+        """K and V bytes of one cell over all layers."""
+        return sum(row for _, row in self.k) + sum(self.v_row_bytes(il) for il in range(len(self.v)))
+
     def size(self, n_cells: int) -> int:
-        meta = 12 * n_cells
-        data = sum(row for _, row in self.k) * n_cells
-        data += sum(a * (c or 1) for _, a, c in self.v) * n_cells
-        return 8 + 8 + meta + 8 + 12 * len(self.k) + (12 * len(self.v)) + data
+        # header (magic, sequence, streams, cells), per cell (pos, n_seq, seq), v_trans and layers,
+        # a 12-byte header per layer for K and for V, then the rows
+        return 16 + 12 * n_cells + 8 + 12 * (len(self.k) + len(self.v)) + self.cell_bytes() * n_cells
 
     def write(self, n_cells: int, k_rows: Callable[[int], np.ndarray], v_rows: Callable[[int], np.ndarray],
               seq_id: int = 0) -> bytearray:
@@ -443,7 +450,7 @@ def random_rows(type_id: int, n_cells: int, row_bytes: int, rng: np.random.Gener
     blocks of random quants with a scale that keeps their values in the same range."""
     raw = rng.bit_generator.random_raw((n_cells * row_bytes + 7) // 8)
     rows = raw.view(np.uint8)[:n_cells * row_bytes].reshape(n_cells, row_bytes)
-    name = {v: k for k, v in GGML_TYPE.items()}.get(type_id)
+    name = _TYPE_NAMES.get(type_id)
     if name in ("f16", "bf16", "f32"):
         h = rows.view(np.uint16)
         if name == "f16":  # sign, exponent 12 or 13 (1/8..1/2), random mantissa
@@ -456,7 +463,7 @@ def random_rows(type_id: int, n_cells: int, row_bytes: int, rng: np.random.Gener
         return rows
     blocks = {"q8_0": 34, "q4_0": 18}
     if name not in blocks:
-        raise ValueError(f"a random cache fill takes f16, f32, bf16, q8_0 or q4_0 rows, not ggml type {type_id}")
+        raise ValueError(f"a random cache fill takes {', '.join(FILL_CACHE_TYPES)} rows, not ggml type {type_id}")
     b = rows.reshape(n_cells, -1, blocks[name])
     d = np.float16(1 / 256 if name == "q8_0" else 1 / 16)
     b[:, :, 0:2] = np.frombuffer(d.tobytes(), dtype=np.uint8)
@@ -476,6 +483,6 @@ def fill_random(ctx, depth: int, seed: int = 0) -> SeqStateLayout:
     rng = np.random.Generator(np.random.SFC64(seed))
     blob = layout.write(depth,
                         lambda il: random_rows(layout.k[il][0], depth, layout.k[il][1], rng),
-                        lambda il: random_rows(layout.v[il][0], depth, layout.v[il][1] * (layout.v[il][2] or 1), rng))
+                        lambda il: random_rows(layout.v[il][0], depth, layout.v_row_bytes(il), rng))
     load_seq_state(ctx, blob)
     return layout

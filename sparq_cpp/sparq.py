@@ -230,9 +230,10 @@ def is_set(ctx_ptr) -> bool:
     return lib.llama_sparq_get(_ctx(ctx_ptr), ffi.NULL) == 1
 
 
-def stats(ctx_ptr) -> dict:
+def stats(ctx_ptr, reset: bool = False) -> dict:
     """The library's counters (``struct llama_sparq_stats``), ``read_fraction``, and ``devices``:
-    for each device that holds SparQ layers (and so runs their SparQ attention), how many."""
+    for each device that holds SparQ layers (and so runs their SparQ attention), how many; with
+    reset, the counters start again from zero after they are read."""
     s = ffi.new("struct llama_sparq_stats *")
     lib.llama_sparq_stats_get(_ctx(ctx_ptr), s)
     out = {f: getattr(s, f) for f in ("n_tokens_sparq", "n_tokens_dense", "n_layers_sparq", "n_layers_ops",
@@ -245,6 +246,8 @@ def stats(ctx_ptr) -> dict:
             name = ffi.string(name).decode()
             devices[name] = devices.get(name, 0) + 1
     out["devices"] = devices
+    if reset:
+        reset_stats(ctx_ptr)
     return out
 
 
