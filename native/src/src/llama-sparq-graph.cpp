@@ -263,15 +263,7 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
             }
             st->stats.n_tokens_sparq += 1;
             for (const auto & li : layers) {
-                const auto & c = li.cfg;
-                const int64_t kk = !li.fused ? std::min<int64_t>(c.k, S)
-                                 : S < c.min_vis ? S
-                                 : c.k_frac > 0.0f ? std::clamp<int64_t>(std::lround((double) c.k_frac*S), 1, c.k) : std::min<int64_t>(c.k, S);
-                if (li.fused && kk >= S) {
-                    st->stats.bytes_attn_sparq += li.n_head_kv*(S*li.bytes.kv_row);  // every row, as dense
-                } else {
-                    st->stats.bytes_attn_sparq += li.n_head_kv*(S*(c.r*li.bytes.mirror_elem + li.bytes.mirror_pos) + kk*li.bytes.kv_row + li.vmean_bytes);
-                }
+                st->stats.bytes_attn_sparq += li.n_head_kv*llama_sparq_read(li.cfg, li.bytes, S, li.fused, li.vmean_bytes).bytes;
                 st->stats.bytes_attn_dense += li.n_head_kv*(S*li.bytes.kv_row);
             }
         }

@@ -75,6 +75,19 @@ struct llama_sparq_bytes {
     bool   mirror_i8;
 };
 
+// What one query that sees S positions reads in a SparQ layer, per KV head: the fused op with its
+// own budget (the op's query_budget: every row below min_vis, else k_frac of S up to c.k), the
+// portable graph c.k rows for every query; a fused query that selects every row reads as dense
+// does. The decode's counters (llama-sparq-graph.cpp) and llama_sparq_plan both count this.
+struct llama_sparq_query_read {
+    int64_t k;
+    int32_t l;
+    double  bytes;
+};
+
+llama_sparq_query_read llama_sparq_read(const llama_sparq_layer_cfg & c, const llama_sparq_bytes & b, int64_t S,
+                                        bool fused, double vmean_bytes);
+
 llama_sparq_bytes llama_sparq_layer_bytes(ggml_type type_kt, ggml_type type_k, ggml_type type_v, int64_t d, int64_t dv);
 
 // bytes: the layer's (planning by bytes with an INT8 mirror); null: by elements

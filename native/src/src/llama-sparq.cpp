@@ -50,6 +50,18 @@ static double step2_share(int32_t r, int64_t d, const llama_sparq_bytes * bytes)
     return bytes != nullptr && bytes->mirror_i8 ? (r*bytes->mirror_elem + bytes->mirror_pos)/bytes->kv_row : r/(2.0*d);
 }
 
+// the sequence length from which SparQ replaces dense attention
+static int32_t sparq_min_ctx(const llama_sparq_params & p) {
+    return p.min_ctx == -1 ? LLAMA_SPARQ_DEFAULT_MIN_CTX : p.min_ctx;
+}
+
+// mean reallocation: as asked, else on for multi-head models and off for grouped-query ones
+static bool sparq_realloc(const llama_sparq_params & p, const llama_kv_cache & kv) {
+    const auto & hp = cache_internals::hparams(kv);
+    const uint32_t il = cache_internals::il(kv, 0);
+    return p.mean_realloc == -1 ? hp.n_head(il) == hp.n_head_kv(il) : p.mean_realloc == 1;
+}
+
 // r, k and l of a layer with head size d, for a cache of n_kv positions
 llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t d, int64_t n_kv, const llama_sparq_bytes * bytes) {
     llama_sparq_layer_cfg c;
@@ -62,7 +74,7 @@ llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t 
         c.r = (int32_t) std::clamp<int64_t>(std::lround(p.compression*d), 1, d);
     }
     const double share = step2_share(c.r, d, bytes);
-    const int32_t min_ctx = p.min_ctx == -1 ? LLAMA_SPARQ_DEFAULT_MIN_CTX : p.min_ctx;
+    const int32_t min_ctx = sparq_min_ctx(p);
     if (p.k > 0) {
         c.k = p.k;
         c.k_frac = 0.0f;
@@ -77,6 +89,20 @@ llama_sparq_layer_cfg llama_sparq_resolve(const llama_sparq_params & p, int64_t 
     c.l = p.l >= 0 ? std::min(p.l, c.k) : c.k/4;
     c.l_div = p.l >= 0 ? 0 : 4;
     return c;
+}
+
+llama_sparq_query_read llama_sparq_read(const llama_sparq_layer_cfg & c, const llama_sparq_bytes & b, int64_t S,
+                                        bool fused, double vmean_bytes) {
+    llama_sparq_query_read q = { std::min<int64_t>(c.k, S), c.l, 0.0 };
+    if (fused && S < c.min_vis) {
+        q.k = S, q.l = 0;
+    } else if (fused && c.k_frac > 0.0f) {
+        q.k = std::clamp<int64_t>(std::lround((double) c.k_frac*S), 1, c.k);
+        q.l = c.l_div > 0 ? (int32_t) (q.k/c.l_div) : std::min<int32_t>(c.l, (int32_t) q.k);
+    }
+    q.bytes = fused && q.k >= S ? S*b.kv_row  // every row, as dense
+                                : S*(c.r*b.mirror_elem + b.mirror_pos) + q.k*b.kv_row + vmean_bytes;
+    return q;
 }
 
 llama_sparq_bytes llama_sparq_layer_bytes(ggml_type type_kt, ggml_type type_k, ggml_type type_v, int64_t d, int64_t dv) {
@@ -417,7 +443,7 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     const std::vector<ggml_type> & kt_types = lay.kt_types;
     const char * why_not = lay.why_not;
     // a context shorter than min_ctx per sequence would never take SparQ: say so, allocate nothing
-    const int32_t min_ctx = params->min_ctx == -1 ? LLAMA_SPARQ_DEFAULT_MIN_CTX : params->min_ctx;
+    const int32_t min_ctx = sparq_min_ctx(*params);
     std::string reason;
     if (std::none_of(eligible.begin(), eligible.end(), [](bool b) { return b; })) {
         reason = std::string("no layer can use SparQ (") + (why_not ? why_not : "none in the layer range") + ")";
@@ -452,7 +478,7 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     st.ops = ops;
     st.n_ops = (int32_t) std::count(ops.begin(), ops.end(), true);
 
-    const bool realloc = params->mean_realloc == -1 ? hp.n_head(cache_internals::il(*kv, 0)) == hp.n_head_kv(cache_internals::il(*kv, 0)) : params->mean_realloc == 1;
+    const bool realloc = sparq_realloc(*params, *kv);
     if (realloc && !st.realloc) {
         st.v_dirty = true; // the sums were not kept up to date while reallocation was off
     }
@@ -496,9 +522,8 @@ int32_t llama_sparq_plan(const struct llama_context * ctx, const struct llama_sp
     }
     const auto & hp = cache_internals::hparams(*kv);
     const int32_t n_layers = (int32_t) cache_internals::n_layers(*kv);
-    const int32_t min_ctx = params->min_ctx == -1 ? LLAMA_SPARQ_DEFAULT_MIN_CTX : params->min_ctx;
-    const bool realloc = params->mean_realloc == -1 ? hp.n_head(cache_internals::il(*kv, 0)) == hp.n_head_kv(cache_internals::il(*kv, 0))
-                                                   : params->mean_realloc == 1;
+    const int32_t min_ctx = sparq_min_ctx(*params);
+    const bool realloc = sparq_realloc(*params, *kv);
     for (int32_t ikv = 0; ikv < n_layers && ikv < n_max; ++ikv) {
         const int32_t il = (int32_t) cache_internals::il(*kv, ikv);
         const ggml_tensor * k = cache_internals::k(*kv, ikv), * v = cache_internals::v(*kv, ikv);
@@ -512,26 +537,17 @@ int32_t llama_sparq_plan(const struct llama_context * ctx, const struct llama_sp
         if (!lay.eligible[ikv] || n_pos < min_ctx || (params->k > 0 && params->k >= n_pos)) {
             continue;
         }
-        // what each query reads, as the decode's counters count it (llama-sparq-graph.cpp): the
-        // fused op with the query's own budget (query_budget), the portable graph with k for all
+        // what a query reads, as the decode's counters count it (llama_sparq_read)
         const bool fused = !lay.ops[ikv];
         const llama_sparq_bytes b = llama_sparq_layer_bytes(lay.kt_types[ikv], k->type, v->type, d, d);
         const llama_sparq_layer_cfg c = llama_sparq_resolve(*params, d, n_pos, &b);
         if (fused && n_pos < c.min_vis) {
             continue;
         }
-        int64_t kk = std::min<int64_t>(c.k, n_pos);
-        int32_t ll = c.l;
-        if (fused && c.k_frac > 0.0f) {
-            kk = std::clamp<int64_t>(std::lround((double) c.k_frac*n_pos), 1, c.k);
-            ll = c.l_div > 0 ? (int32_t) kk/c.l_div : std::min<int32_t>(c.l, (int32_t) kk);
-        }
+        const llama_sparq_query_read q = llama_sparq_read(c, b, n_pos, fused, realloc ? hp.n_embd_head_v(il)*sizeof(float) : 0.0);
         o.path = fused ? 1 : 2;
-        o.r = c.r, o.k = (int32_t) kk, o.l = ll, o.type_kt = (int32_t) lay.kt_types[ikv];
-        if (!(fused && kk >= n_pos)) {  // a fused query that selects every row reads as dense does
-            const double vmean = realloc ? hp.n_embd_head_v(il)*sizeof(float) : 0.0;
-            o.bytes = n_head_kv*((double) n_pos*(c.r*b.mirror_elem + b.mirror_pos) + (double) kk*b.kv_row + vmean);
-        }
+        o.r = c.r, o.k = (int32_t) q.k, o.l = q.l, o.type_kt = (int32_t) lay.kt_types[ikv];
+        o.bytes = n_head_kv*q.bytes;
     }
     return n_layers;
 }
