@@ -46,6 +46,7 @@ NEEDED = (
     "licenses/",
     "src/",
     "tests/test-backend-ops.cpp",
+    "tests/test-llama-archs.cpp",
     "scripts/ui-assets.cmake",
     "tools/CMakeLists.txt",
     "tools/cli/",

@@ -224,7 +224,8 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
     if (st->realloc) {
         float * vs = nullptr;
         float * ic = nullptr;
-        if (use_op) {
+        // (no buffer: no layer of this graph read them, each took the dense path at build time)
+        if (use_op && vsum->buffer != nullptr && inv_cnt->buffer != nullptr) {
             GGML_ASSERT(ggml_backend_buffer_is_host(vsum->buffer) && ggml_backend_buffer_is_host(inv_cnt->buffer));
             vs = (float *) vsum->data;
             ic = (float *) inv_cnt->data;
@@ -234,7 +235,7 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
 
     // 4. the portable graph's visible ranks (the same visibility as upstream's KQ mask: a cell of
     // the token's sequence at a position <= the token's)
-    if (vis_rank != nullptr) {
+    if (vis_rank != nullptr && vis_rank->buffer != nullptr) {
         GGML_ASSERT(ggml_backend_buffer_is_host(vis_rank->buffer));
         float * rk = (float *) vis_rank->data;
         for (uint32_t i = 0; i < ubatch->n_tokens; ++i) {

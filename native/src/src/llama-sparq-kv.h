@@ -29,6 +29,7 @@
 // The private members of upstream's cache that SparQ reads (friend in llama-kv-cache.h).
 struct llama_sparq_access {
     static const llama_hparams & hparams(const llama_kv_cache & kv) { return kv.hparams; }
+    static const llama_model & model(const llama_kv_cache & kv) { return kv.model; }
     static bool v_trans(const llama_kv_cache & kv) { return kv.v_trans; }
     static size_t n_layers(const llama_kv_cache & kv) { return kv.layers.size(); }
     static uint32_t il(const llama_kv_cache & kv, size_t ikv) { return kv.layers[ikv].il; }

@@ -8,7 +8,14 @@
 #include "llama-context.h"
 #include "llama-impl.h"
 #include "llama-kv-cache.h"
+#include "llama-kv-cache-dsa.h"
+#include "llama-kv-cache-dsa-iswa.h"
+#include "llama-kv-cache-dsv4.h"
 #include "llama-kv-cache-iswa.h"
+#include "llama-kv-cache-msa.h"
+#include "llama-memory-hybrid.h"
+#include "llama-memory-hybrid-iswa.h"
+#include "llama-memory-recurrent.h"
 #include "llama-model.h"
 
 #include "ggml-backend.h"
@@ -17,6 +24,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -126,6 +134,25 @@ static llama_kv_cache * sparq_cache(const llama_context * ctx, int32_t * n_layer
     return nullptr;
 }
 
+// why a context's memory cannot take SparQ (sparq_cache found no plain KV cache in it)
+static const char * sparq_memory_unsupported(const llama_context * ctx) {
+    llama_memory_i * mem = ctx->get_memory();
+    if (mem == nullptr) {
+        return "the model keeps no KV cache (a non-causal or diffusion model)";
+    }
+    if (dynamic_cast<llama_memory_recurrent *>(mem) != nullptr) {
+        return "recurrent memory: no attention KV cache";
+    }
+    if (dynamic_cast<llama_memory_hybrid *>(mem) != nullptr || dynamic_cast<llama_memory_hybrid_iswa *>(mem) != nullptr) {
+        return "hybrid memory (attention layers beside recurrent ones): not served by SparQ yet";
+    }
+    if (dynamic_cast<llama_kv_cache_dsa *>(mem) != nullptr || dynamic_cast<llama_kv_cache_dsa_iswa *>(mem) != nullptr ||
+        dynamic_cast<llama_kv_cache_msa *>(mem) != nullptr || dynamic_cast<llama_kv_cache_dsv4 *>(mem) != nullptr) {
+        return "the model's own sparse-attention cache (its indexer already selects the positions each query reads)";
+    }
+    return "this model's memory is not a plain KV cache";
+}
+
 static bool sparq_kv_type_ok(ggml_type t) {
     return t == GGML_TYPE_F16 || t == GGML_TYPE_F32 || t == GGML_TYPE_Q8_0;
 }
@@ -152,8 +179,14 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
     if (!sparq_kv_type_ok(k->type) || !sparq_kv_type_ok(v->type)) {
         return "KV cache type (F16, F32 and Q8_0 supported)";
     }
-    if (hp.attn_soft_cap || hp.f_max_alibi_bias != 0.0f) {
-        return "attention soft-capping or ALiBi";
+    if (hp.attn_soft_cap || cache_internals::model(kv).arch == LLM_ARCH_GROK) {  // Grok caps in its own graph
+        return "attention logit soft-capping (tanh on the scores: SparQ's approximate scores would not rank them)";
+    }
+    if (hp.f_max_alibi_bias != 0.0f) {
+        return "ALiBi position biases (added to the scores; SparQ's approximate scores do not carry them)";
+    }
+    if (il < cache_internals::model(kv).layers.size() && cache_internals::model(kv).layers[il].attn_sinks != nullptr) {
+        return "learned attention sinks (an extra logit per head in the softmax, not yet in SparQ's)";
     }
     const uint32_t n_head = hp.n_head(il), n_head_kv = hp.n_head_kv(il);
     if (n_head_kv == 0 || n_head % n_head_kv != 0 || n_head/n_head_kv > GGML_SPARQ_MAX_GROUP) {
@@ -339,8 +372,26 @@ int32_t llama_sparq_prepare_cache(struct llama_context * ctx) {
 struct sparq_layers {
     std::vector<bool> eligible, ops;
     std::vector<ggml_type> kt_types;  // GGML_TYPE_COUNT: the layer stays dense
-    const char * why_not = nullptr;   // why the last refused layer was refused
+    std::vector<std::pair<int32_t, const char *>> refused;  // (layer, why) of each refused layer
     bool compression_too_small = false;
+
+    // "layers 0, 2: why; layer 5: other why": the refused layers grouped by reason
+    std::string describe_refused() const {
+        std::vector<std::pair<const char *, std::string>> groups;
+        for (const auto & [il, why] : refused) {
+            auto it = std::find_if(groups.begin(), groups.end(), [&](const auto & g) { return strcmp(g.first, why) == 0; });
+            if (it == groups.end()) {
+                groups.emplace_back(why, std::to_string(il));
+            } else {
+                it->second += ", " + std::to_string(il);
+            }
+        }
+        std::string out;
+        for (const auto & [why, ils] : groups) {
+            out += (out.empty() ? "" : "; ") + std::string(ils.find(',') == std::string::npos ? "layer " : "layers ") + ils + ": " + why;
+        }
+        return out;
+    }
 };
 
 static sparq_layers sparq_plan_layers(const llama_kv_cache & kv, const llama_sparq_params & p) {
@@ -372,7 +423,7 @@ static sparq_layers sparq_plan_layers(const llama_kv_cache & kv, const llama_spa
             ops = true;
         }
         if (why != nullptr) {
-            out.why_not = why;
+            out.refused.emplace_back(il, why);
             continue;
         }
         n_embd_kt = cache_internals::k(kv, ikv)->ne[0];
@@ -421,19 +472,21 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
         return err;
     }
     if (kv == nullptr || cache_internals::shares_cells(*kv)) {
-        g_dense_reason = "this model's memory is not a plain KV cache (recurrent, hybrid or shared-cell memory)";
+        g_dense_reason = kv == nullptr ? sparq_memory_unsupported(ctx) : "the KV cache shares its cells with another cache";
         LLAMA_LOG_WARN("%s: %s; decoding stays dense\n", __func__, g_dense_reason.c_str());
         return LLAMA_SPARQ_DENSE;
-    }
-    if (cache_internals::v_trans(*kv)) {
-        LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_sparq_strerror(LLAMA_SPARQ_ERR_V_TRANS));
-        return LLAMA_SPARQ_ERR_V_TRANS;
     }
 
     // which layers can take SparQ, and whether the compression leaves room for rows
     const auto & hp = cache_internals::hparams(*kv);
     const size_t n_layers = cache_internals::n_layers(*kv);
     const sparq_layers lay = sparq_plan_layers(*kv, *params);
+    // V stored transposed (flash attention off) is the caller's to change, where a layer could
+    // take SparQ at all (a model none of whose layers can is dense below, whatever its V layout)
+    if (cache_internals::v_trans(*kv) && std::any_of(lay.eligible.begin(), lay.eligible.end(), [](bool b) { return b; })) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_sparq_strerror(LLAMA_SPARQ_ERR_V_TRANS));
+        return LLAMA_SPARQ_ERR_V_TRANS;
+    }
     if (lay.compression_too_small) {
         LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_sparq_strerror(LLAMA_SPARQ_ERR_COMPRESSION));
         return LLAMA_SPARQ_ERR_COMPRESSION;
@@ -441,12 +494,11 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     const std::vector<bool> & eligible = lay.eligible;
     const std::vector<bool> & ops = lay.ops;
     const std::vector<ggml_type> & kt_types = lay.kt_types;
-    const char * why_not = lay.why_not;
     // a context shorter than min_ctx per sequence would never take SparQ: say so, allocate nothing
     const int32_t min_ctx = sparq_min_ctx(*params);
     std::string reason;
     if (std::none_of(eligible.begin(), eligible.end(), [](bool b) { return b; })) {
-        reason = std::string("no layer can use SparQ (") + (why_not ? why_not : "none in the layer range") + ")";
+        reason = std::string("no layer can use SparQ (") + (lay.refused.empty() ? "none in the layer range" : lay.describe_refused()) + ")";
     } else if (kv->get_size() < (uint32_t) min_ctx) {
         reason = "the context holds " + std::to_string(kv->get_size()) + " positions per sequence, fewer than min_ctx " +
                  std::to_string(min_ctx) + " (the sequence length from which SparQ replaces dense attention)";
@@ -491,11 +543,15 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     st.generation++;
     ctx->sparq_need_reserve();
 
+    if (!lay.refused.empty()) {  // once per setting, not per token: which layers stay dense, and why
+        LLAMA_LOG_WARN("%s: SparQ on %d of %d attention layers; dense: %s\n", __func__, st.n_eligible, n_layers_all,
+                       lay.describe_refused().c_str());
+    }
     const long n_i8 = std::count(kt_types.begin(), kt_types.end(), GGML_TYPE_I8);
-    LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers, %d of them through the portable graph, %ld with an int8 K^T mirror (%s %g, r %d, l %d, reallocation %s, from %d positions)%s%s\n",
+    LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers, %d of them through the portable graph, %ld with an int8 K^T mirror (%s %g, r %d, l %d, reallocation %s, from %d positions)\n",
             __func__, st.n_eligible, n_layers_all, st.n_ops, n_i8, params->k > 0 ? "k" : "compression",
             params->k > 0 ? (double) params->k : (double) params->compression, params->r, params->l,
-            realloc ? "on" : "off", st.min_ctx, why_not ? "; others dense: " : "", why_not ? why_not : "");
+            realloc ? "on" : "off", st.min_ctx);
     return LLAMA_SPARQ_OK;
 }
 
@@ -513,10 +569,10 @@ int32_t llama_sparq_plan(const struct llama_context * ctx, const struct llama_sp
     if (kv == nullptr || cache_internals::shares_cells(*kv)) {
         return 0;
     }
-    if (cache_internals::v_trans(*kv)) {
+    const sparq_layers lay = sparq_plan_layers(*kv, *params);
+    if (cache_internals::v_trans(*kv) && std::any_of(lay.eligible.begin(), lay.eligible.end(), [](bool b) { return b; })) {
         return LLAMA_SPARQ_ERR_V_TRANS;
     }
-    const sparq_layers lay = sparq_plan_layers(*kv, *params);
     if (lay.compression_too_small) {
         return LLAMA_SPARQ_ERR_COMPRESSION;
     }
