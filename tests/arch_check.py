@@ -1,0 +1,443 @@
+"""SparQ on every architecture llama.cpp builds: the checks behind tests/test_archs.py and the table
+in docs/architectures.md.
+
+The models are llama.cpp's own: its test generator (upstream's tests/test-llama-archs.cpp, built
+as build/native/bin/test-llama-archs by `make build`) writes a small random-weight GGUF of every
+architecture it can build (2 layers of width 256 for most, head size 128, vocabulary 128; MoE
+variants where the architecture has them). Each model, in a process of its own set (a crash is one
+model's failure, not the suite's), is decoded dense and with SparQ on the same random prompt:
+
+- ``exact``: SparQ with k >= the context (every visible position read, l = 0) set before the
+  prefill, 4 decoded tokens: logits equal to dense (flash attention, F16 cache) within the rounding
+  bound, 1.5x dense's own difference between flash attention on and off;
+- ``q8_0``: the same on a q8_0 cache against dense on a q8_0 cache;
+- ``two_seqs``: two sequences of different lengths in one cache (a stream each), one decode batch
+  for both, against dense;
+- ``state``: the dense context's sequence state loaded into a SparQ context, then decoded;
+- ``shift``: the first 100 positions removed and the rest shifted back (a K-shift), then decoded
+  (where the model's memory can shift);
+- ``budget``: SparQ at 1/8 after the exact check, on the same context: it runs on the layers the
+  library says it takes (its counters), its logits are finite and within a loose bound of dense
+  (random weights say nothing of accuracy: the bound catches garbage, not a worse choice);
+- ``reasons``: the library's one warning per refused layer group, and its reason when no layer
+  can take SparQ.
+
+`python tests/arch_check.py --table docs/architectures.md` writes the table from these results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes as C
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_BIN = ROOT / "build" / "native" / "bin"
+GENERATOR = BUILD_BIN / "test-llama-archs"
+MODELS_DIR = ROOT / "build" / "archs"
+# the generator's seed and weight scale: 0.3 makes attention peaked enough that a wrong position
+# read shows in the logits (at upstream's default 0.1 attention is nearly uniform)
+GEN_ARGS = ("-s", "42", "-d", "0.3")
+ARCH_SOURCE = ROOT / "build" / "native" / "upstream" / "llama.cpp" / "src" / "llama-arch.cpp"
+
+N_PROMPT = 600      # tokens before the decoded ones (longer than the default min_ctx of 512)
+N_GEN = 4           # decoded tokens compared per check
+N_CTX = 1024
+BOUND_FACTOR = 1.5  # the rounding bound: this times dense's flash attention on/off difference
+BUDGET_NMSE = 1.0   # the loose bound at 1/8: squared error against dense's logits / their square
+                    # (random weights say nothing of accuracy: this catches garbage, an error as large as the logits)
+
+
+def generate(out_dir: Path = MODELS_DIR) -> list:
+    """The generator's models in out_dir, written when missing or older than the generator."""
+    stamp = out_dir / ".generated"
+    want = f"{GENERATOR.stat().st_mtime_ns} {' '.join(GEN_ARGS)}"
+    if not (stamp.exists() and stamp.read_text() == want):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in out_dir.glob("*.gguf"):
+            f.unlink()
+        r = subprocess.run([str(GENERATOR), "-o", str(out_dir), *GEN_ARGS], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"test-llama-archs -o failed ({r.returncode}): {r.stderr[-2000:]}")
+        stamp.write_text(want)
+    return sorted(out_dir.glob("*.gguf"))
+
+
+def all_arch_names() -> list:
+    """Every architecture name of the pinned llama.cpp (LLM_ARCH_NAMES in src/llama-arch.cpp)."""
+    text = ARCH_SOURCE.read_text()
+    block = text[text.index("LLM_ARCH_NAMES"):]
+    block = block[:block.index("};")]
+    return [n for n in re.findall(r'\{\s*LLM_ARCH_\w+,\s*"([^"]+)"\s*\}', block) if n != "(unknown)"]
+
+
+# -- one model ------------------------------------------------------------------------------------
+
+def _check_model(path: Path) -> dict:
+    import numpy as np
+
+    from sparq_cpp import sparq as sq
+    from sparq_cpp._lib import llama_cpp
+    from sparq_cpp.sparq import SparqParams
+
+    warnings_seen = []
+
+    @llama_cpp.llama_log_callback
+    def _log(level, text, _ud):
+        if level == 3 and b"sparq" in text:  # GGML_LOG_LEVEL_WARN from our library
+            warnings_seen.append(text.decode(errors="replace").strip())
+
+    if not os.environ.get("ARCH_CHECK_LOG"):
+        llama_cpp.llama_log_set(_log, None)
+
+    mp = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+    if not model:
+        return {"error": "the model did not load"}
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    desc = C.create_string_buffer(256)
+    llama_cpp.llama_model_meta_val_str(model, b"general.architecture", desc, 256)
+    arch = desc.value.decode()
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    # learned absolute positions (gpt2, starcoder, mpt): as many as the training context, no more
+    n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+    learned_pos = _has_tensor(path, b"position_embd.weight")
+    n_prompt = min(N_PROMPT, n_ctx_train - N_GEN - 110) if learned_pos else N_PROMPT
+    rng = np.random.default_rng(0)
+    toks = [int(t) for t in rng.integers(0, n_vocab, n_prompt + 4 * N_GEN)]
+
+    def new_ctx(fa=True, cache="f16", n_seq=1):
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = N_CTX * n_seq if not learned_pos else n_ctx_train * n_seq
+        p.n_batch = p.n_ubatch = 512
+        p.n_seq_max = n_seq
+        p.n_threads = p.n_threads_batch = 1  # two models are checked at a time, one per core
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.type_k = p.type_v = {"f16": 1, "q8_0": 8}[cache]
+        ctx = llama_cpp.llama_init_from_model(model, p)
+        if not ctx:
+            raise RuntimeError("llama_init_from_model failed")
+        return ctx
+
+    def decode(ctx, items):
+        """items: (token, pos, seq, logits?); returns the logits asked for, in order."""
+        b = llama_cpp.llama_batch_init(len(items), 0, 1)
+        try:
+            for i, (t, pos, s, lg) in enumerate(items):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos, 1, lg
+                b.seq_id[i][0] = s
+            b.n_tokens = len(items)
+            rc = llama_cpp.llama_decode(ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            idx = [i for i, it in enumerate(items) if it[3]]
+            return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in idx]
+        finally:
+            llama_cpp.llama_batch_free(b)
+
+    def prefill(ctx, seq, tokens, start=0):
+        for i in range(0, len(tokens), 512):
+            decode(ctx, [(t, start + i + j, seq, False) for j, t in enumerate(tokens[i:i + 512])])
+
+    def gen(ctx, start, n=N_GEN, seq=0, offset=0):
+        """decode toks[start:start+n] one at a time at positions start-offset...: their logits"""
+        return np.array([decode(ctx, [(toks[p], p - offset, seq, True)])[0] for p in range(start, start + n)])
+
+    def set_sparq(ctx, **kw):
+        warnings_seen.clear()
+        st = sq.apply(ctx, SparqParams(**kw)) if kw else None
+        return st
+
+    out = {"arch": arch, "file": path.name, "n_layer": n_layer, "n_prompt": n_prompt, "checks": {}}
+    k_exact = n_prompt + 3 * N_GEN + 50  # more than any sequence here holds, fewer than the cache's cells
+    checks = out["checks"]
+
+    def record(name, sparq_logits, dense_logits, bound):
+        diff = float(np.abs(sparq_logits - dense_logits).max())
+        checks[name] = {"diff": diff, "bound": bound, "ok": bool(np.isfinite(sparq_logits).all() and diff <= bound)}
+
+    ctxs = []
+
+    def dense_pair(n_seq=1, start=None):
+        """dense contexts with flash attention on and off, prefilled alike"""
+        pair = [new_ctx(fa=fa, n_seq=n_seq) for fa in (True, False)]
+        ctxs.extend(pair)
+        for c in pair:
+            prefill(c, 0, toks[:n_prompt])
+        return pair
+
+    def dense_gen(pair, start, offset=0):
+        """dense logits (flash attention on) and the rounding bound at these tokens: BOUND_FACTOR x
+        the flash attention on/off difference (+ 1e-6 of the logits' scale, for a zero difference)"""
+        on, off = (gen(c, start, offset=offset) for c in pair)
+        return on, BOUND_FACTOR * float(np.abs(on - off).max()) + 1e-6 * float(np.abs(on).max())
+
+    def free(*cs):
+        for c in cs:
+            llama_cpp.llama_free(c)
+            ctxs.remove(c)
+
+    try:
+        pair = dense_pair()
+        dense, bound = dense_gen(pair, n_prompt)
+        out["scale"] = float(np.abs(dense).max())
+
+        # SparQ set before the prefill (the graphs write the mirror), k >= context
+        s = new_ctx(); ctxs.append(s)
+        try:
+            status = set_sparq(s, k=k_exact, l=0, min_ctx=0)
+        except sq.SparqError as e:
+            out["refused"] = str(e)
+            return out
+        out["status"] = status.name
+        out["warnings"] = list(warnings_seen)
+        out["reason"] = sq.dense_reason()
+        st = sq.stats(s)
+        out["layers_sparq"] = st["n_layers_sparq"]
+        # the layers of the cache SparQ can serve (not those in a sliding-window or chunked cache)
+        out["layers_cache"] = len(sq.plan(s, SparqParams(k=k_exact, l=0, min_ctx=0), n_prompt)) if status == sq.SparqStatus.OK else None
+        if status != sq.SparqStatus.OK:
+            return out
+        prefill(s, 0, toks[:n_prompt])
+        sq.reset_stats(s)
+        record("exact", gen(s, n_prompt), dense, bound)
+        st = sq.stats(s)
+        checks["exact"]["sparq_tokens"] = st["n_tokens_sparq"]
+        checks["exact"]["ok"] &= st["n_tokens_sparq"] == N_GEN
+
+        # 1/8 on the same context, the next tokens, against dense decoding them too
+        set_sparq(s, compression=0.125, min_ctx=0)
+        sq.reset_stats(s)
+        sp = gen(s, n_prompt + N_GEN)
+        de, _ = dense_gen(pair, n_prompt + N_GEN)
+        st = sq.stats(s)
+        nmse = float(((sp - de) ** 2).sum() / (de ** 2).sum())
+        checks["budget"] = {"nmse": nmse, "bound": BUDGET_NMSE, "read_fraction": st["read_fraction"],
+                            "sparq_tokens": st["n_tokens_sparq"],
+                            "ok": bool(np.isfinite(sp).all() and nmse <= BUDGET_NMSE and st["n_tokens_sparq"] == N_GEN
+                                       and st["n_layers_sparq"] == out["layers_sparq"])}
+        free(s)
+
+        # the dense context's sequence state into a SparQ context (the mirror rebuilt from it)
+        n_done = n_prompt + 2 * N_GEN
+        size = llama_cpp.llama_state_seq_get_size(pair[0], 0)
+        blob = (C.c_uint8 * size)()
+        llama_cpp.llama_state_seq_get_data(pair[0], blob, size, 0)
+        s = new_ctx(); ctxs.append(s)
+        set_sparq(s, k=k_exact, l=0, min_ctx=0)
+        if llama_cpp.llama_state_seq_set_data(s, blob, size, 0) == 0:
+            raise RuntimeError("llama_state_seq_set_data failed")
+        record("state", gen(s, n_done), *dense_gen(pair, n_done))
+
+        # a K-shift: the first 100 positions removed, the rest moved back, in every context
+        if llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(pair[0])):
+            n_done += N_GEN
+            for c in (s, *pair):
+                m = llama_cpp.llama_get_memory(c)
+                llama_cpp.llama_memory_seq_rm(m, 0, 0, 100)
+                llama_cpp.llama_memory_seq_add(m, 0, 100, -1, -100)
+            record("shift", gen(s, n_done, offset=100), *dense_gen(pair, n_done, offset=100))
+        free(s, *pair)
+
+        # a q8_0 cache, dense's prepared as SparQ prepares its own (without llama.cpp's Hadamard
+        # rotation of K). Dense's flash attention rounds Q to q8_0 for its K products, SparQ's op
+        # keeps Q in F32: the bound is the F16 one's or, where larger, BOUND_FACTOR x dense q8_0's
+        # difference from dense F16 (the quantization's own size; a wrong row read is larger)
+        try:
+            dq = new_ctx(cache="q8_0"); ctxs.append(dq)
+        except RuntimeError:  # llama.cpp takes a q8_0 cache only for head sizes of whole blocks
+            out["skipped"] = "q8_0: llama.cpp has no q8_0 cache for this head size"
+        else:
+            sq.prepare_cache(dq)
+            sq_ = new_ctx(cache="q8_0"); ctxs.append(sq_)
+            set_sparq(sq_, k=k_exact, l=0, min_ctx=0)
+            for c in (dq, sq_):
+                prefill(c, 0, toks[:n_prompt])
+            dense_q8 = gen(dq, n_prompt)
+            record("q8_0", gen(sq_, n_prompt), dense_q8,
+                   max(bound, BOUND_FACTOR * float(np.abs(dense_q8 - dense).max())))
+            free(dq, sq_)
+
+        # two sequences in one cache, of different lengths, decoded in one batch
+        short = n_prompt - 40
+        res = []
+        for fa, use in ((True, False), (False, False), (True, True)):
+            c = new_ctx(fa=fa, n_seq=2); ctxs.append(c)
+            if use:
+                set_sparq(c, k=k_exact, l=0, min_ctx=0)
+            prefill(c, 0, toks[:n_prompt])
+            prefill(c, 1, toks[N_GEN:N_GEN + short])
+            res.append(np.array([decode(c, [(toks[n_prompt + i], n_prompt + i, 0, True),
+                                            (toks[short + i], short + i, 1, True)]) for i in range(N_GEN)]))
+            free(c)
+        record("two_seqs", res[2], res[0], BOUND_FACTOR * float(np.abs(res[0] - res[1]).max()) + 1e-6 * out["scale"])
+        return out
+    finally:
+        for c in ctxs:
+            llama_cpp.llama_free(c)
+        llama_cpp.llama_model_free(model)
+
+
+def _has_tensor(path: Path, name: bytes) -> bool:
+    from sparq_cpp._lib import llama_cpp
+
+    lib = llama_cpp.llama_cpp._lib
+
+    class _Params(C.Structure):
+        _fields_ = [("no_alloc", C.c_bool), ("ctx", C.c_void_p)]
+
+    init = lib.gguf_init_from_file
+    init.restype, init.argtypes = C.c_void_p, [C.c_char_p, _Params]
+    find = lib.gguf_find_tensor
+    find.restype, find.argtypes = C.c_int64, [C.c_void_p, C.c_char_p]
+    free = lib.gguf_free
+    free.restype, free.argtypes = None, [C.c_void_p]
+    g = init(str(path).encode(), _Params(True, None))
+    try:
+        return find(g, name) >= 0
+    finally:
+        free(g)
+
+
+def worker(paths: list) -> None:
+    """One JSON line per model on stdout (stderr: libllama's log)."""
+    for p in paths:
+        t0 = time.perf_counter()
+        print(json.dumps({"start": Path(p).name}), flush=True)
+        try:
+            r = _check_model(Path(p))
+        except Exception as e:  # the check failed for this model: reported, the next one runs
+            r = {"error": repr(e)}
+        r["file"], r["seconds"] = Path(p).name, round(time.perf_counter() - t0, 2)
+        print(json.dumps(r), flush=True)
+
+
+def run_all(paths: list, jobs: int = 2, timeout: float = 600) -> dict:
+    """file name -> result, each model checked in a worker process (jobs in parallel); a model whose
+    process dies is reported with the exit status, and its worker goes on with the next model."""
+    todo = [str(p) for p in paths]
+    shards = [todo[i::jobs] for i in range(jobs)]
+    results: dict = {}
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def run_shard(shard):
+        while shard:
+            proc = subprocess.run([sys.executable, __file__, "--worker", *shard], capture_output=True, text=True,
+                                  timeout=timeout, env=env)
+            started = None
+            for line in proc.stdout.splitlines():
+                if not line.startswith("{"):
+                    continue  # a model's own output on stdout
+                r = json.loads(line)
+                if "start" in r:
+                    started = r["start"]
+                else:
+                    results[r["file"]] = r
+                    started = None
+            done = {Path(s).name for s in shard if Path(s).name in results}
+            if started is not None:  # the process died in this model
+                results[started] = {"file": started, "error": f"the process died (exit status {proc.returncode}): "
+                                                              f"{_last_error(proc.stderr)}"}
+                done.add(started)
+            rest = [s for s in shard if Path(s).name not in done]
+            if len(rest) == len(shard):
+                raise RuntimeError(f"worker made no progress: {proc.stderr[-2000:]}")
+            shard = rest
+
+    import threading
+    threads = [threading.Thread(target=run_shard, args=(s,)) for s in shards if s]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _last_error(stderr: str) -> str:
+    lines = [l for l in stderr.splitlines() if "GGML_ASSERT" in l or "error" in l.lower()]
+    return lines[-1].strip() if lines else stderr.strip().splitlines()[-1] if stderr.strip() else ""
+
+
+# -- the table --------------------------------------------------------------------------------------
+
+def table(results: dict, generated: list) -> str:
+    """docs/architectures.md from the results: one row per architecture of the pinned llama.cpp."""
+    by_arch: dict = {}
+    for r in results.values():
+        by_arch.setdefault(r.get("arch") or r["file"].rsplit("-", 1)[0], []).append(r)
+    gen_archs = {p.name.rsplit("-", 1)[0] for p in generated}
+    lines = [
+        "# SparQ on llama.cpp's architectures",
+        "",
+        "Generated by `python tests/arch_check.py --table docs/architectures.md` from the checks of",
+        "`tests/test_archs.py` (do not edit by hand; the test fails when this file and the checks",
+        "disagree). Each architecture of the pinned llama.cpp, as a small random-weight model from",
+        "llama.cpp's own test generator (`test-llama-archs -o`, seed and scale in `tests/arch_check.py`):",
+        "the attention layers SparQ takes of the model's layers, and why the others decode densely.",
+        "Where SparQ runs, it is dense's output to rounding at k >= context on an F16 and a q8_0 cache,",
+        "with two sequences, after a state load and after a K-shift, and finite and near dense at 1/8.",
+        "",
+        "| architecture | model | SparQ layers | dense layers and why |",
+        "|---|---|---:|---|",
+    ]
+    for name in all_arch_names():
+        rows = by_arch.get(name)
+        if not rows:
+            why = "not built by llama.cpp's test generator" if name not in gen_archs else "not checked"
+            lines.append(f"| {name} | - | - | {why} |")
+            continue
+        for r in sorted(rows, key=lambda r: r["file"]):
+            variant = r["file"].rsplit("-", 1)[1].removesuffix(".gguf")
+            if "error" in r:
+                lines.append(f"| {name} | {variant} | - | error: {r['error']} |")
+                continue
+            taken = f"{r.get('layers_sparq', 0)} of {r['n_layer']}"
+            why = _why(r)
+            lines.append(f"| {name} | {variant} | {taken} | {why} |")
+    return "\n".join(lines) + "\n"
+
+
+def _why(r: dict) -> str:
+    if "refused" in r:
+        return r["refused"]
+    if r.get("status") == "DENSE":
+        return r["reason"]
+    parts = [w.split("; dense: ", 1)[1] for w in r.get("warnings", []) if "; dense: " in w]
+    n_window = r["n_layer"] - (r.get("layers_cache") or 0)
+    if n_window > 0:
+        parts.append(f"{n_window} sliding-window or chunked layer{'s' if n_window > 1 else ''} "
+                     "(their own short cache: dense by design)")
+    if "skipped" in r:
+        parts.append(r["skipped"])
+    return "; ".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", nargs="+", metavar="GGUF", help="check these models, one JSON line each")
+    ap.add_argument("--table", metavar="FILE", help="check every generated model and write the table to FILE")
+    ap.add_argument("--arch", help="only models whose file name starts with this")
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return 0
+    paths = generate()
+    if args.arch:
+        paths = [p for p in paths if p.name.startswith(args.arch)]
+    results = run_all(paths)
+    for f in sorted(results):
+        print(json.dumps(results[f]))
+    if args.table:
+        Path(args.table).write_text(table(results, paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
