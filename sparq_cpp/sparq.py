@@ -192,7 +192,8 @@ def dense_reason() -> str:
 def apply(ctx_ptr, params: Optional[SparqParams], what: str = "this model") -> SparqStatus:
     """Set (or, with None, clear) SparQ on a llama_context pointer: SparqStatus.OK, or DENSE when
     SparQ cannot run there (one RuntimeWarning naming ``what`` and the library's reason: no layer
-    can use it, or the context is shorter than min_ctx); SparqError (a ValueError) on refusal."""
+    can use it, or the context is shorter than min_ctx); SparqError (a ValueError) on refusal.
+    OK with some layers of the cache left dense: one RuntimeWarning naming them and why."""
     rc = SparqStatus(lib.llama_sparq_set(_ctx(ctx_ptr), ffi.NULL if params is None else params.to_c()))
     if rc < 0:
         msg = ffi.string(lib.llama_sparq_strerror(rc)).decode()
@@ -201,6 +202,8 @@ def apply(ctx_ptr, params: Optional[SparqParams], what: str = "this model") -> S
     if rc == SparqStatus.DENSE:
         warnings.warn(f"SparQ is not used with {what}: {dense_reason()}; decoding stays dense",
                       RuntimeWarning, stacklevel=5)  # the caller of Llama(...) or Llama.set_sparq
+    elif dense_reason():  # some layers of the cache stay dense: which, and why
+        warnings.warn(f"SparQ with {what}: {dense_reason()}", RuntimeWarning, stacklevel=5)
     return rc
 
 

@@ -143,7 +143,9 @@ LLAMA_API const char * llama_sparq_strerror(int32_t status);
 
 // Why the last llama_sparq_set of this thread returned LLAMA_SPARQ_DENSE: no layer of the model
 // or cache can take SparQ (and which reason), or the context holds fewer positions per sequence
-// than min_ctx, so that SparQ would never run (nothing is allocated then). "" after any other result.
+// than min_ctx, so that SparQ would never run (nothing is allocated then). After LLAMA_SPARQ_OK:
+// the layers of the cache that stay dense and why ("SparQ on 20 of 24 attention layers; dense:
+// layers 3, 7: ..."), "" when SparQ takes them all. "" after any other result.
 LLAMA_API const char * llama_sparq_dense_reason(void);
 
 #ifdef __cplusplus

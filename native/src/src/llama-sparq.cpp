@@ -544,8 +544,9 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     ctx->sparq_need_reserve();
 
     if (!lay.refused.empty()) {  // once per setting, not per token: which layers stay dense, and why
-        LLAMA_LOG_WARN("%s: SparQ on %d of %d attention layers; dense: %s\n", __func__, st.n_eligible, n_layers_all,
-                       lay.describe_refused().c_str());
+        g_dense_reason = "SparQ on " + std::to_string(st.n_eligible) + " of " + std::to_string(n_layers_all) +
+                         " attention layers; dense: " + lay.describe_refused();
+        LLAMA_LOG_WARN("%s: %s\n", __func__, g_dense_reason.c_str());
     }
     const long n_i8 = std::count(kt_types.begin(), kt_types.end(), GGML_TYPE_I8);
     LLAMA_LOG_INFO("%s: SparQ on %d of %d attention layers, %d of them through the portable graph, %ld with an int8 K^T mirror (%s %g, r %d, l %d, reallocation %s, from %d positions)\n",
