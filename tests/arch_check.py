@@ -13,6 +13,7 @@ model's failure, not the suite's), is decoded dense and with SparQ on the same r
 - ``q8_0``: the same on a q8_0 cache against dense on a q8_0 cache;
 - ``two_seqs``: two sequences of different lengths in one cache (a stream each), one decode batch
   for both, against dense;
+- ``seq_cp``: a sequence copied to another in one shared cache, the copy decoded;
 - ``state``: the dense context's sequence state loaded into a SparQ context, then decoded;
 - ``shift``: the first 100 positions removed and the rest shifted back (a K-shift), then decoded
   (where the model's memory can shift);
@@ -113,11 +114,11 @@ def _check_model(path: Path) -> dict:
     rng = np.random.default_rng(0)
     toks = [int(t) for t in rng.integers(0, n_vocab, n_prompt + 4 * N_GEN)]
 
-    def new_ctx(fa=True, cache="f16", n_seq=1):
+    def new_ctx(fa=True, cache="f16", n_seq=1, unified=False):
         p = llama_cpp.llama_context_default_params()
         p.n_ctx = N_CTX * n_seq if not learned_pos else n_ctx_train * n_seq
         p.n_batch = p.n_ubatch = 512
-        p.n_seq_max = n_seq
+        p.n_seq_max, p.kv_unified = n_seq, unified
         p.n_threads = p.n_threads_batch = 1  # two models are checked at a time, one per core
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.type_k = p.type_v = {"f16": 1, "q8_0": 8}[cache]
@@ -278,6 +279,18 @@ def _check_model(path: Path) -> dict:
                                             (toks[short + i], short + i, 1, True)]) for i in range(N_GEN)]))
             free(c)
         record("two_seqs", res[2], res[0], BOUND_FACTOR * float(np.abs(res[0] - res[1]).max()) + 1e-6 * out["scale"])
+
+        # a sequence copy in one cache shared by both sequences, then the copy decoded
+        res = []
+        for fa, use in ((True, False), (False, False), (True, True)):
+            c = new_ctx(fa=fa, n_seq=2, unified=True); ctxs.append(c)
+            if use:
+                set_sparq(c, k=k_exact, l=0, min_ctx=0)
+            prefill(c, 0, toks[:n_prompt])
+            llama_cpp.llama_memory_seq_cp(llama_cpp.llama_get_memory(c), 0, 1, -1, -1)
+            res.append(gen(c, n_prompt, seq=1))
+            free(c)
+        record("seq_cp", res[2], res[0], BOUND_FACTOR * float(np.abs(res[0] - res[1]).max()) + 1e-6 * out["scale"])
         return out
     finally:
         for c in ctxs:
@@ -382,7 +395,7 @@ def table(results: dict, generated: list) -> str:
         "llama.cpp's own test generator (`test-llama-archs -o`, seed and scale in `tests/arch_check.py`):",
         "the attention layers SparQ takes of the model's layers, and why the others decode densely.",
         "Where SparQ runs, it is dense's output to rounding at k >= context on an F16 and a q8_0 cache,",
-        "with two sequences, after a state load and after a K-shift, and finite and near dense at 1/8.",
+        "with two sequences, after a sequence copy, a state load and a K-shift, and finite and near dense at 1/8.",
         "",
         "| architecture | model | SparQ layers | dense layers and why |",
         "|---|---|---:|---|",
