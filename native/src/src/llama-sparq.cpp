@@ -375,20 +375,35 @@ struct sparq_layers {
     std::vector<std::pair<int32_t, const char *>> refused;  // (layer, why) of each refused layer
     bool compression_too_small = false;
 
-    // "layers 0, 2: why; layer 5: other why": the refused layers grouped by reason
+    // "layers 0-11, 14: why; layer 5: other why": the refused layers grouped by reason, runs of
+    // three or more as ranges
     std::string describe_refused() const {
-        std::vector<std::pair<const char *, std::string>> groups;
+        std::vector<std::pair<const char *, std::vector<int32_t>>> groups;
         for (const auto & [il, why] : refused) {
             auto it = std::find_if(groups.begin(), groups.end(), [&](const auto & g) { return strcmp(g.first, why) == 0; });
             if (it == groups.end()) {
-                groups.emplace_back(why, std::to_string(il));
+                groups.push_back({ why, { il } });
             } else {
-                it->second += ", " + std::to_string(il);
+                it->second.push_back(il);
             }
         }
         std::string out;
         for (const auto & [why, ils] : groups) {
-            out += (out.empty() ? "" : "; ") + std::string(ils.find(',') == std::string::npos ? "layer " : "layers ") + ils + ": " + why;
+            std::string list;
+            for (size_t i = 0; i < ils.size();) {
+                size_t j = i;
+                while (j + 1 < ils.size() && ils[j + 1] == ils[j] + 1) {
+                    ++j;
+                }
+                list += (list.empty() ? "" : ", ") + std::to_string(ils[i]);
+                if (j - i >= 2) {
+                    list += "-" + std::to_string(ils[j]);
+                    i = j + 1;
+                } else {
+                    i = i + 1;
+                }
+            }
+            out += (out.empty() ? "" : "; ") + std::string(ils.size() == 1 ? "layer " : "layers ") + list + ": " + why;
         }
         return out;
     }
