@@ -89,7 +89,12 @@ static inline bool common_sparq_apply(llama_context * ctx, const common_sparq_pa
     }
     if (st == LLAMA_SPARQ_DENSE) {
         fprintf(stderr, "warning: SparQ is not used: %s; decoding stays dense\n", llama_sparq_dense_reason());
-    } else if (announce) {
+        return true;
+    }
+    if (*llama_sparq_dense_reason() != '\0') {  // some layers stay dense: which, and why
+        fprintf(stderr, "warning: %s\n", llama_sparq_dense_reason());
+    }
+    if (announce) {
         std::string given = sp.k > 0 ? "--sparq-k " + std::to_string(sp.k) : "--sparq-compression " + sp.compression_str;
         given += sp.r > 0 ? " --sparq-r " + std::to_string(sp.r) : "";
         given += sp.l >= 0 ? " --sparq-l " + std::to_string(sp.l) : "";
