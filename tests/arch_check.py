@@ -35,6 +35,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def _check_model(path: Path) -> dict:
     from sparq_cpp import sparq as sq
     from sparq_cpp._lib import llama_cpp
     from sparq_cpp.sparq import SparqParams
+    from sparq_util import decode, prefill
 
     warnings_seen = []
 
@@ -94,29 +96,32 @@ def _check_model(path: Path) -> dict:
         if level == 3 and b"sparq" in text:  # GGML_LOG_LEVEL_WARN from our library
             warnings_seen.append(text.decode(errors="replace").strip())
 
-    if not os.environ.get("ARCH_CHECK_LOG"):
+    if not os.environ.get("ARCH_CHECK_LOG"):  # ARCH_CHECK_LOG=1: libllama's whole log on stderr
         llama_cpp.llama_log_set(_log, None)
 
     mp = llama_cpp.llama_model_default_params()
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
         return {"error": "the model did not load"}
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     desc = C.create_string_buffer(256)
     llama_cpp.llama_model_meta_val_str(model, b"general.architecture", desc, 256)
-    arch = desc.value.decode()
     n_layer = llama_cpp.llama_model_n_layer(model)
-    # learned absolute positions (gpt2, starcoder, mpt): as many as the training context, no more
+    # learned absolute positions (gpt2, starcoder): as many as the training context, no more
     n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
     learned_pos = _has_tensor(path, b"position_embd.weight")
     n_prompt = min(N_PROMPT, n_ctx_train - N_GEN - 110) if learned_pos else N_PROMPT
     rng = np.random.default_rng(0)
     toks = [int(t) for t in rng.integers(0, n_vocab, n_prompt + 4 * N_GEN)]
+    # SparQ reading every position: k more than any sequence here holds, fewer than the cache's cells
+    exact = SparqParams(k=n_prompt + 3 * N_GEN + 50, l=0, min_ctx=0)
 
-    def new_ctx(fa=True, cache="f16", n_seq=1, unified=False):
+    ctxs = []
+
+    def new_ctx(fa=True, cache="f16", n_seq=1, unified=False, sparq=None):
+        """a context (freed at the end unless free() frees it first), with SparQ set when given"""
         p = llama_cpp.llama_context_default_params()
-        p.n_ctx = N_CTX * n_seq if not learned_pos else n_ctx_train * n_seq
+        p.n_ctx = (n_ctx_train if learned_pos else N_CTX) * n_seq
         p.n_batch = p.n_ubatch = 512
         p.n_seq_max, p.kv_unified = n_seq, unified
         p.n_threads = p.n_threads_batch = 1  # two models are checked at a time, one per core
@@ -125,88 +130,72 @@ def _check_model(path: Path) -> dict:
         ctx = llama_cpp.llama_init_from_model(model, p)
         if not ctx:
             raise RuntimeError("llama_init_from_model failed")
+        ctxs.append(ctx)
+        if sparq is not None:
+            set_sparq(ctx, sparq)
         return ctx
-
-    def decode(ctx, items):
-        """items: (token, pos, seq, logits?); returns the logits asked for, in order."""
-        b = llama_cpp.llama_batch_init(len(items), 0, 1)
-        try:
-            for i, (t, pos, s, lg) in enumerate(items):
-                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos, 1, lg
-                b.seq_id[i][0] = s
-            b.n_tokens = len(items)
-            rc = llama_cpp.llama_decode(ctx, b)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc}")
-            idx = [i for i, it in enumerate(items) if it[3]]
-            return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in idx]
-        finally:
-            llama_cpp.llama_batch_free(b)
-
-    def prefill(ctx, seq, tokens, start=0):
-        for i in range(0, len(tokens), 512):
-            decode(ctx, [(t, start + i + j, seq, False) for j, t in enumerate(tokens[i:i + 512])])
-
-    def gen(ctx, start, n=N_GEN, seq=0, offset=0):
-        """decode toks[start:start+n] one at a time at positions start-offset...: their logits"""
-        return np.array([decode(ctx, [(toks[p], p - offset, seq, True)])[0] for p in range(start, start + n)])
-
-    def set_sparq(ctx, **kw):
-        warnings_seen.clear()
-        st = sq.apply(ctx, SparqParams(**kw)) if kw else None
-        return st
-
-    out = {"arch": arch, "file": path.name, "n_layer": n_layer, "n_prompt": n_prompt, "checks": {}}
-    k_exact = n_prompt + 3 * N_GEN + 50  # more than any sequence here holds, fewer than the cache's cells
-    checks = out["checks"]
-
-    def record(name, sparq_logits, dense_logits, bound):
-        diff = float(np.abs(sparq_logits - dense_logits).max())
-        checks[name] = {"diff": diff, "bound": bound, "ok": bool(np.isfinite(sparq_logits).all() and diff <= bound)}
-
-    ctxs = []
-
-    def dense_pair(n_seq=1, start=None):
-        """dense contexts with flash attention on and off, prefilled alike"""
-        pair = [new_ctx(fa=fa, n_seq=n_seq) for fa in (True, False)]
-        ctxs.extend(pair)
-        for c in pair:
-            prefill(c, 0, toks[:n_prompt])
-        return pair
-
-    def dense_gen(pair, start, offset=0):
-        """dense logits (flash attention on) and the rounding bound at these tokens: BOUND_FACTOR x
-        the flash attention on/off difference (+ 1e-6 of the logits' scale, for a zero difference)"""
-        on, off = (gen(c, start, offset=offset) for c in pair)
-        return on, BOUND_FACTOR * float(np.abs(on - off).max()) + 1e-6 * float(np.abs(on).max())
 
     def free(*cs):
         for c in cs:
             llama_cpp.llama_free(c)
             ctxs.remove(c)
 
+    def set_sparq(ctx, params):
+        warnings_seen.clear()
+        return sq.apply(ctx, params)
+
+    def gen(ctx, start, seq=0, offset=0):
+        """decode toks[start:start+N_GEN] one at a time at positions start-offset...: their logits"""
+        return np.array([decode(ctx, [(toks[p], p - offset, seq)], n_vocab)[0] for p in range(start, start + N_GEN)])
+
+    def rounding_bound(on, off):
+        """BOUND_FACTOR x dense's flash attention on/off difference (+ 1e-6 of the logits' scale,
+        for a zero difference)"""
+        return BOUND_FACTOR * float(np.abs(on - off).max()) + 1e-6 * float(np.abs(on).max())
+
+    def record(name, sparq_logits, dense_logits, bound):
+        diff = float(np.abs(sparq_logits - dense_logits).max())
+        checks[name] = {"diff": diff, "bound": bound, "ok": bool(np.isfinite(sparq_logits).all() and diff <= bound)}
+
+    def against_dense(name, run, **ctx_kw):
+        """run(ctx) -> logits in fresh contexts: dense with flash attention on and off, then SparQ at
+        k >= context; the SparQ logits recorded against dense's within the rounding bound"""
+        on, off, sparq = (run(new_ctx(fa=fa, sparq=p, **ctx_kw)) for fa, p in ((True, None), (False, None), (True, exact)))
+        record(name, sparq, on, rounding_bound(on, off))
+        free(*ctxs[-3:])
+
+    out = {"arch": desc.value.decode(), "file": path.name, "n_layer": n_layer, "n_prompt": n_prompt, "checks": {}}
+    checks = out["checks"]
     try:
-        pair = dense_pair()
-        dense, bound = dense_gen(pair, n_prompt)
+        # dense with flash attention on and off, F16 cache, decoding alike: the rounding bound at
+        # each compared token
+        pair = [new_ctx(fa=fa) for fa in (True, False)]
+        for c in pair:
+            prefill(c, 0, toks[:n_prompt], n_vocab, logits=False)
+
+        def dense_gen(start, offset=0):
+            on, off = (gen(c, start, offset=offset) for c in pair)
+            return on, rounding_bound(on, off)
+
+        dense, bound = dense_gen(n_prompt)
         out["scale"] = float(np.abs(dense).max())
 
         # SparQ set before the prefill (the graphs write the mirror), k >= context
-        s = new_ctx(); ctxs.append(s)
+        s = new_ctx()
         try:
-            status = set_sparq(s, k=k_exact, l=0, min_ctx=0)
+            status = set_sparq(s, exact)
         except sq.SparqError as e:
             out["refused"] = str(e)
             return out
         out["status"] = status.name
         out["warnings"] = list(warnings_seen)
         out["reason"] = sq.dense_reason()
-        st = sq.stats(s)
-        out["layers_sparq"] = st["n_layers_sparq"]
-        # the layers of the cache SparQ can serve (not those in a sliding-window or chunked cache)
-        out["layers_cache"] = len(sq.plan(s, SparqParams(k=k_exact, l=0, min_ctx=0), n_prompt)) if status == sq.SparqStatus.OK else None
+        out["layers_sparq"] = sq.stats(s)["n_layers_sparq"]
         if status != sq.SparqStatus.OK:
             return out
-        prefill(s, 0, toks[:n_prompt])
+        # the layers of the cache SparQ can serve (not those in a sliding-window or chunked cache)
+        out["layers_cache"] = len(sq.plan(s, exact, n_prompt))
+        prefill(s, 0, toks[:n_prompt], n_vocab, logits=False)
         sq.reset_stats(s)
         record("exact", gen(s, n_prompt), dense, bound)
         st = sq.stats(s)
@@ -214,10 +203,10 @@ def _check_model(path: Path) -> dict:
         checks["exact"]["ok"] &= st["n_tokens_sparq"] == N_GEN
 
         # 1/8 on the same context, the next tokens, against dense decoding them too
-        set_sparq(s, compression=0.125, min_ctx=0)
+        set_sparq(s, SparqParams(compression=0.125, min_ctx=0))
         sq.reset_stats(s)
         sp = gen(s, n_prompt + N_GEN)
-        de, _ = dense_gen(pair, n_prompt + N_GEN)
+        de, _ = dense_gen(n_prompt + N_GEN)
         st = sq.stats(s)
         nmse = float(((sp - de) ** 2).sum() / (de ** 2).sum())
         checks["budget"] = {"nmse": nmse, "bound": BUDGET_NMSE, "read_fraction": st["read_fraction"],
@@ -231,11 +220,10 @@ def _check_model(path: Path) -> dict:
         size = llama_cpp.llama_state_seq_get_size(pair[0], 0)
         blob = (C.c_uint8 * size)()
         llama_cpp.llama_state_seq_get_data(pair[0], blob, size, 0)
-        s = new_ctx(); ctxs.append(s)
-        set_sparq(s, k=k_exact, l=0, min_ctx=0)
+        s = new_ctx(sparq=exact)
         if llama_cpp.llama_state_seq_set_data(s, blob, size, 0) == 0:
             raise RuntimeError("llama_state_seq_set_data failed")
-        record("state", gen(s, n_done), *dense_gen(pair, n_done))
+        record("state", gen(s, n_done), *dense_gen(n_done))
 
         # a K-shift: the first 100 positions removed, the rest moved back, in every context
         if llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(pair[0])):
@@ -244,7 +232,7 @@ def _check_model(path: Path) -> dict:
                 m = llama_cpp.llama_get_memory(c)
                 llama_cpp.llama_memory_seq_rm(m, 0, 0, 100)
                 llama_cpp.llama_memory_seq_add(m, 0, 100, -1, -100)
-            record("shift", gen(s, n_done, offset=100), *dense_gen(pair, n_done, offset=100))
+            record("shift", gen(s, n_done, offset=100), *dense_gen(n_done, offset=100))
         free(s, *pair)
 
         # a q8_0 cache, dense's prepared as SparQ prepares its own (without llama.cpp's Hadamard
@@ -252,45 +240,37 @@ def _check_model(path: Path) -> dict:
         # keeps Q in F32: the bound is the F16 one's or, where larger, BOUND_FACTOR x dense q8_0's
         # difference from dense F16 (the quantization's own size; a wrong row read is larger)
         try:
-            dq = new_ctx(cache="q8_0"); ctxs.append(dq)
+            dq = new_ctx(cache="q8_0")
         except RuntimeError:  # llama.cpp takes a q8_0 cache only for head sizes of whole blocks
             out["skipped"] = "q8_0: llama.cpp has no q8_0 cache for this head size"
         else:
             sq.prepare_cache(dq)
-            sq_ = new_ctx(cache="q8_0"); ctxs.append(sq_)
-            set_sparq(sq_, k=k_exact, l=0, min_ctx=0)
-            for c in (dq, sq_):
-                prefill(c, 0, toks[:n_prompt])
+            sq8 = new_ctx(cache="q8_0", sparq=exact)
+            for c in (dq, sq8):
+                prefill(c, 0, toks[:n_prompt], n_vocab, logits=False)
             dense_q8 = gen(dq, n_prompt)
-            record("q8_0", gen(sq_, n_prompt), dense_q8,
+            record("q8_0", gen(sq8, n_prompt), dense_q8,
                    max(bound, BOUND_FACTOR * float(np.abs(dense_q8 - dense).max())))
-            free(dq, sq_)
+            free(dq, sq8)
 
         # two sequences in one cache, of different lengths, decoded in one batch
         short = n_prompt - 40
-        res = []
-        for fa, use in ((True, False), (False, False), (True, True)):
-            c = new_ctx(fa=fa, n_seq=2); ctxs.append(c)
-            if use:
-                set_sparq(c, k=k_exact, l=0, min_ctx=0)
-            prefill(c, 0, toks[:n_prompt])
-            prefill(c, 1, toks[N_GEN:N_GEN + short])
-            res.append(np.array([decode(c, [(toks[n_prompt + i], n_prompt + i, 0, True),
-                                            (toks[short + i], short + i, 1, True)]) for i in range(N_GEN)]))
-            free(c)
-        record("two_seqs", res[2], res[0], BOUND_FACTOR * float(np.abs(res[0] - res[1]).max()) + 1e-6 * out["scale"])
+
+        def two_seqs(c):
+            prefill(c, 0, toks[:n_prompt], n_vocab, logits=False)
+            prefill(c, 1, toks[N_GEN:N_GEN + short], n_vocab, logits=False)
+            return np.array([decode(c, [(toks[n_prompt + i], n_prompt + i, 0), (toks[short + i], short + i, 1)], n_vocab)
+                             for i in range(N_GEN)])
+
+        against_dense("two_seqs", two_seqs, n_seq=2)
 
         # a sequence copy in one cache shared by both sequences, then the copy decoded
-        res = []
-        for fa, use in ((True, False), (False, False), (True, True)):
-            c = new_ctx(fa=fa, n_seq=2, unified=True); ctxs.append(c)
-            if use:
-                set_sparq(c, k=k_exact, l=0, min_ctx=0)
-            prefill(c, 0, toks[:n_prompt])
+        def seq_cp(c):
+            prefill(c, 0, toks[:n_prompt], n_vocab, logits=False)
             llama_cpp.llama_memory_seq_cp(llama_cpp.llama_get_memory(c), 0, 1, -1, -1)
-            res.append(gen(c, n_prompt, seq=1))
-            free(c)
-        record("seq_cp", res[2], res[0], BOUND_FACTOR * float(np.abs(res[0] - res[1]).max()) + 1e-6 * out["scale"])
+            return gen(c, n_prompt, seq=1)
+
+        against_dense("seq_cp", seq_cp, n_seq=2, unified=True)
         return out
     finally:
         for c in ctxs:
@@ -299,24 +279,19 @@ def _check_model(path: Path) -> dict:
 
 
 def _has_tensor(path: Path, name: bytes) -> bool:
-    from sparq_cpp._lib import llama_cpp
-
-    lib = llama_cpp.llama_cpp._lib
+    """whether the GGUF file has a tensor of this name (its header alone is read)"""
+    from sparq_cpp import shapes
 
     class _Params(C.Structure):
         _fields_ = [("no_alloc", C.c_bool), ("ctx", C.c_void_p)]
 
-    init = lib.gguf_init_from_file
-    init.restype, init.argtypes = C.c_void_p, [C.c_char_p, _Params]
-    find = lib.gguf_find_tensor
-    find.restype, find.argtypes = C.c_int64, [C.c_void_p, C.c_char_p]
-    free = lib.gguf_free
-    free.restype, free.argtypes = None, [C.c_void_p]
+    init = shapes._fn("gguf_init_from_file", C.c_void_p, C.c_char_p, _Params)
+    find = shapes._fn("gguf_find_tensor", C.c_int64, C.c_void_p, C.c_char_p)
     g = init(str(path).encode(), _Params(True, None))
     try:
         return find(g, name) >= 0
     finally:
-        free(g)
+        shapes._gguf_free(g)
 
 
 def worker(paths: list) -> None:
@@ -364,7 +339,6 @@ def run_all(paths: list, jobs: int = 2, timeout: float = 600) -> dict:
                 raise RuntimeError(f"worker made no progress: {proc.stderr[-2000:]}")
             shard = rest
 
-    import threading
     threads = [threading.Thread(target=run_shard, args=(s,)) for s in shards if s]
     for t in threads:
         t.start()
@@ -374,18 +348,20 @@ def run_all(paths: list, jobs: int = 2, timeout: float = 600) -> dict:
 
 
 def _last_error(stderr: str) -> str:
-    lines = [l for l in stderr.splitlines() if "GGML_ASSERT" in l or "error" in l.lower()]
-    return lines[-1].strip() if lines else stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    """the dead process's last assertion or error line (else its last line)"""
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    errors = [l for l in lines if "GGML_ASSERT" in l or "error" in l.lower()]
+    return (errors or lines or [""])[-1].strip()
 
 
 # -- the table --------------------------------------------------------------------------------------
 
-def table(results: dict, generated: list) -> str:
-    """docs/architectures.md from the results: one row per architecture of the pinned llama.cpp."""
+def table(results: dict) -> str:
+    """docs/architectures.md from the results of every generated model: one row per architecture
+    of the pinned llama.cpp."""
     by_arch: dict = {}
     for r in results.values():
         by_arch.setdefault(r.get("arch") or r["file"].rsplit("-", 1)[0], []).append(r)
-    gen_archs = {p.name.rsplit("-", 1)[0] for p in generated}
     lines = [
         "# SparQ on llama.cpp's architectures",
         "",
@@ -403,8 +379,7 @@ def table(results: dict, generated: list) -> str:
     for name in all_arch_names():
         rows = by_arch.get(name)
         if not rows:
-            why = "not built by llama.cpp's test generator" if name not in gen_archs else "not checked"
-            lines.append(f"| {name} | - | - | {why} |")
+            lines.append(f"| {name} | - | - | not built by llama.cpp's test generator |")
             continue
         for r in sorted(rows, key=lambda r: r["file"]):
             variant = r["file"].rsplit("-", 1)[1].removesuffix(".gguf")
@@ -422,8 +397,8 @@ def _why(r: dict) -> str:
         return r["refused"]
     if r.get("status") == "DENSE":
         return r["reason"]
-    parts = [w.split("; dense: ", 1)[1] for w in r.get("warnings", []) if "; dense: " in w]
-    n_window = r["n_layer"] - (r.get("layers_cache") or 0)
+    parts = [r["reason"].split("; dense: ", 1)[1]] if r["reason"] else []  # the layers of the cache left dense
+    n_window = r["n_layer"] - r["layers_cache"]
     if n_window > 0:
         parts.append(f"{n_window} sliding-window or chunked layer{'s' if n_window > 1 else ''} "
                      "(their own short cache: dense by design)")
@@ -436,8 +411,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", nargs="+", metavar="GGUF", help="check these models, one JSON line each")
     ap.add_argument("--table", metavar="FILE", help="check every generated model and write the table to FILE")
-    ap.add_argument("--arch", help="only models whose file name starts with this")
+    ap.add_argument("--arch", help="only models whose file name starts with this (not with --table)")
     args = ap.parse_args(argv)
+    if args.arch and args.table:
+        ap.error("--table needs every model: drop --arch")
     if args.worker:
         worker(args.worker)
         return 0
@@ -448,7 +425,7 @@ def main(argv=None) -> int:
     for f in sorted(results):
         print(json.dumps(results[f]))
     if args.table:
-        Path(args.table).write_text(table(results, paths))
+        Path(args.table).write_text(table(results))
     return 0
 
 

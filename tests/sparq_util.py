@@ -26,25 +26,25 @@ def raw_context(llm, n_seq, unified, n_ctx=4096):
     return ctx
 
 
-def decode(ctx, items, n_vocab):
-    """items: (token, pos, seq) with logits for every one; returns their logits."""
+def decode(ctx, items, n_vocab, logits=True):
+    """items: (token, pos, seq), with logits for every one (logits=False: for none); returns them."""
     batch = llama_cpp.llama_batch_init(len(items), 0, 1)
     try:
         for i, (t, pos, s) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos, 1, True
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos, 1, logits
             batch.seq_id[i][0] = s
         batch.n_tokens = len(items)
         assert llama_cpp.llama_decode(ctx, batch) == 0
         return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
-                for i in range(len(items))]
+                for i in range(len(items))] if logits else []
     finally:
         llama_cpp.llama_batch_free(batch)
 
 
-def prefill(ctx, seq, tokens, n_vocab, start=0):
+def prefill(ctx, seq, tokens, n_vocab, start=0, logits=True):
     """Decode tokens into seq from position start, 512 per batch."""
     for i in range(0, len(tokens), 512):
-        decode(ctx, [(t, start + i + j, seq) for j, t in enumerate(tokens[i:i + 512])], n_vocab)
+        decode(ctx, [(t, start + i + j, seq) for j, t in enumerate(tokens[i:i + 512])], n_vocab, logits)
 
 
 # check()'s V-sum error when the sums are right: the library keeps them in fp64 and hands them to
