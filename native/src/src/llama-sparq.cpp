@@ -179,13 +179,14 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
     if (!sparq_kv_type_ok(k->type) || !sparq_kv_type_ok(v->type)) {
         return "KV cache type (F16, F32 and Q8_0 supported)";
     }
-    if (hp.attn_soft_cap || cache_internals::model(kv).arch == LLM_ARCH_GROK) {  // Grok caps in its own graph
+    const llama_model & model = cache_internals::model(kv);
+    if (hp.attn_soft_cap || model.arch == LLM_ARCH_GROK) {  // Grok caps in its own graph
         return "attention logit soft-capping (tanh on the scores: SparQ's approximate scores would not rank them)";
     }
     if (hp.f_max_alibi_bias != 0.0f) {
         return "ALiBi position biases (added to the scores; SparQ's approximate scores do not carry them)";
     }
-    if (il < cache_internals::model(kv).layers.size() && cache_internals::model(kv).layers[il].attn_sinks != nullptr) {
+    if (il < model.layers.size() && model.layers[il].attn_sinks != nullptr) {
         return "learned attention sinks (an extra logit per head in the softmax, not yet in SparQ's)";
     }
     const uint32_t n_head = hp.n_head(il), n_head_kv = hp.n_head_kv(il);
@@ -375,6 +376,8 @@ struct sparq_layers {
     std::vector<std::pair<int32_t, const char *>> refused;  // (layer, why) of each refused layer
     bool compression_too_small = false;
 
+    bool any_eligible() const { return std::find(eligible.begin(), eligible.end(), true) != eligible.end(); }
+
     // "layers 0-11, 14: why; layer 5: other why": the refused layers grouped by reason, runs of
     // three or more as ranges
     std::string describe_refused() const {
@@ -498,7 +501,7 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     const sparq_layers lay = sparq_plan_layers(*kv, *params);
     // V stored transposed (flash attention off) is the caller's to change, where a layer could
     // take SparQ at all (a model none of whose layers can is dense below, whatever its V layout)
-    if (cache_internals::v_trans(*kv) && std::any_of(lay.eligible.begin(), lay.eligible.end(), [](bool b) { return b; })) {
+    if (cache_internals::v_trans(*kv) && lay.any_eligible()) {
         LLAMA_LOG_ERROR("%s: %s\n", __func__, llama_sparq_strerror(LLAMA_SPARQ_ERR_V_TRANS));
         return LLAMA_SPARQ_ERR_V_TRANS;
     }
@@ -512,7 +515,7 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     // a context shorter than min_ctx per sequence would never take SparQ: say so, allocate nothing
     const int32_t min_ctx = sparq_min_ctx(*params);
     std::string reason;
-    if (std::none_of(eligible.begin(), eligible.end(), [](bool b) { return b; })) {
+    if (!lay.any_eligible()) {
         reason = std::string("no layer can use SparQ (") + (lay.refused.empty() ? "none in the layer range" : lay.describe_refused()) + ")";
     } else if (kv->get_size() < (uint32_t) min_ctx) {
         reason = "the context holds " + std::to_string(kv->get_size()) + " positions per sequence, fewer than min_ctx " +
@@ -586,7 +589,7 @@ int32_t llama_sparq_plan(const struct llama_context * ctx, const struct llama_sp
         return 0;
     }
     const sparq_layers lay = sparq_plan_layers(*kv, *params);
-    if (cache_internals::v_trans(*kv) && std::any_of(lay.eligible.begin(), lay.eligible.end(), [](bool b) { return b; })) {
+    if (cache_internals::v_trans(*kv) && lay.any_eligible()) {
         return LLAMA_SPARQ_ERR_V_TRANS;
     }
     if (lay.compression_too_small) {
