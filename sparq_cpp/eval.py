@@ -243,9 +243,10 @@ def run(models: List[str], contexts: Dict[str, List[int]], needle_contexts: Dict
         # needle in a haystack
         q = m.llm.tokenize(QUESTION.encode(), add_bos=False)
         # dense and the plain SparQ settings of the spec (not the ablations nor the window)
+        longest = max(nctxs or [1])
         answer_settings = [("dense", None, None)] + [
-            (x["label"], x["c"], x["kw"]) for x in chosen_settings(spec, m.head_dim, max(nctxs or [1]),
-                                                                  lambda c: m.planned_k(c, max(nctxs or [1])))
+            (x["label"], x["c"], x["kw"]) for x in chosen_settings(spec, m.head_dim, longest,
+                                                                  lambda c: m.planned_k(c, longest))
             if x["group"] in ("compression", "setting")]
         if "needle" in parts:
             bar = tqdm(total=len(nctxs) * len(DEPTHS), desc=f"eval {name}: needle", file=sys.stderr,
