@@ -84,7 +84,7 @@ def all_arch_names() -> list:
 def _check_model(path: Path) -> dict:
     import numpy as np
 
-    from sparq_cpp import sparq as sq
+    from sparq_cpp import shapes, sparq as sq
     from sparq_cpp._lib import llama_cpp
     from sparq_cpp.sparq import SparqParams
     from sparq_util import decode, prefill
@@ -217,12 +217,8 @@ def _check_model(path: Path) -> dict:
 
         # the dense context's sequence state into a SparQ context (the mirror rebuilt from it)
         n_done = n_prompt + 2 * N_GEN
-        size = llama_cpp.llama_state_seq_get_size(pair[0], 0)
-        blob = (C.c_uint8 * size)()
-        llama_cpp.llama_state_seq_get_data(pair[0], blob, size, 0)
         s = new_ctx(sparq=exact)
-        if llama_cpp.llama_state_seq_set_data(s, blob, size, 0) == 0:
-            raise RuntimeError("llama_state_seq_set_data failed")
+        shapes.load_seq_state(s, shapes.seq_state(pair[0]))
         record("state", gen(s, n_done), *dense_gen(n_done))
 
         # a K-shift: the first 100 positions removed, the rest moved back, in every context
