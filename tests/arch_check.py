@@ -4,12 +4,17 @@ in docs/architectures.md.
 The models are llama.cpp's own: its test generator (upstream's tests/test-llama-archs.cpp, built
 as build/native/bin/test-llama-archs by `make build`) writes a small random-weight GGUF of every
 architecture it can build (2 layers of width 256 for most, head size 128, vocabulary 128; MoE
-variants where the architecture has them). Each model, in a process of its own set (a crash is one
+variants where the architecture has them). Its learned attention sinks (gpt-oss, MiMo 2, Granite
+SWA) are random like the other weights, near 0: beside 600 positions such a sink holds almost no
+weight, and a SparQ that left it out would pass. They are set here to what trained sinks are, a
+large share of each head's weight (log of the prompt's length, +-1.5). Each model, in a process of its own set (a crash is one
 model's failure, not the suite's), is decoded dense and with SparQ on the same random prompt:
 
 - ``exact``: SparQ with k >= the context (every visible position read, l = 0) set before the
   prefill, 4 decoded tokens: logits equal to dense (flash attention, F16 cache) within the rounding
   bound, 1.5x dense's own difference between flash attention on and off;
+- ``ops``: the same through the portable graph of standard ops (what GPU backends run), with mean
+  reallocation (alpha must come to 1);
 - ``q8_0``: the same on a q8_0 cache against dense on a q8_0 cache;
 - ``two_seqs``: two sequences of different lengths in one cache (a stream each), one decode batch
   for both, against dense;
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ctypes as C
 import json
+import math
 import os
 import re
 import subprocess
@@ -52,6 +58,7 @@ N_PROMPT = 600      # tokens before the decoded ones (longer than the default mi
 N_GEN = 4           # decoded tokens compared per check
 N_CTX = 1024
 BOUND_FACTOR = 1.5  # the rounding bound: this times dense's flash attention on/off difference
+SINK_LOGIT = math.log(N_PROMPT)  # a sink's weight, that of N_PROMPT positions of logit 0
 BUDGET_NMSE = 1.0   # the loose bound at 1/8: squared error against dense's logits / their square
                     # (random weights say nothing of accuracy: this catches garbage, an error as large as the logits)
 
@@ -59,7 +66,7 @@ BUDGET_NMSE = 1.0   # the loose bound at 1/8: squared error against dense's logi
 def generate(out_dir: Path = MODELS_DIR) -> list:
     """The generator's models in out_dir, written when missing or older than the generator."""
     stamp = out_dir / ".generated"
-    want = f"{GENERATOR.stat().st_mtime_ns} {' '.join(GEN_ARGS)}"
+    want = f"{GENERATOR.stat().st_mtime_ns} {' '.join(GEN_ARGS)} sinks={SINK_LOGIT:.3f}"
     if not (stamp.exists() and stamp.read_text() == want):
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in out_dir.glob("*.gguf"):
@@ -67,8 +74,24 @@ def generate(out_dir: Path = MODELS_DIR) -> list:
         r = subprocess.run([str(GENERATOR), "-o", str(out_dir), *GEN_ARGS], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"test-llama-archs -o failed ({r.returncode}): {r.stderr[-2000:]}")
+        for f in out_dir.glob("*.gguf"):
+            _weighty_sinks(f)
         stamp.write_text(want)
     return sorted(out_dir.glob("*.gguf"))
+
+
+def _weighty_sinks(path: Path) -> None:
+    """The model's attention sinks (if any), in place: SINK_LOGIT +- 1.5, a different one per head"""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path, "r+")
+    rng = np.random.default_rng(7)
+    for t in reader.tensors:
+        if t.name.endswith("attn_sinks.weight"):
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, (path.name, t.name, t.tensor_type)
+            t.data[...] = SINK_LOGIT + rng.uniform(-1.5, 1.5, t.data.shape)
+    reader.data.flush()
 
 
 def all_arch_names() -> list:
@@ -213,6 +236,15 @@ def _check_model(path: Path) -> dict:
                             "sparq_tokens": st["n_tokens_sparq"],
                             "ok": bool(np.isfinite(sp).all() and nmse <= BUDGET_NMSE and st["n_tokens_sparq"] == N_GEN
                                        and st["n_layers_sparq"] == out["layers_sparq"])}
+        free(s)
+
+        # the portable graph of standard ops (what GPU backends run) with mean reallocation, k >=
+        # context: alpha (s_hat over every row, and the sinks') must be 1 for it to equal dense
+        s = new_ctx(sparq=SparqParams(k=exact.k, l=0, min_ctx=0, path="ops", realloc=True))
+        prefill(s, 0, toks[:n_prompt], n_vocab, logits=False)
+        sq.reset_stats(s)
+        record("ops", gen(s, n_prompt), dense, bound)
+        checks["ops"]["ok"] &= sq.stats(s)["n_layers_ops"] == out["layers_sparq"]
         free(s)
 
         # the dense context's sequence state into a SparQ context (the mirror rebuilt from it)
@@ -367,7 +399,8 @@ def table(results: dict) -> str:
         "llama.cpp's own test generator (`test-llama-archs -o`, seed and scale in `tests/arch_check.py`):",
         "the attention layers SparQ takes of the model's layers, and why the others decode densely.",
         "Where SparQ runs, it is dense's output to rounding at k >= context on an F16 and a q8_0 cache,",
-        "with two sequences, after a sequence copy, a state load and a K-shift, and finite and near dense at 1/8.",
+        "through the fused op and the portable graph, with two sequences, after a sequence copy, a state",
+        "load and a K-shift, and finite and near dense at 1/8.",
         "",
         "| architecture | model | SparQ layers | dense layers and why |",
         "|---|---|---:|---|",

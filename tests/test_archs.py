@@ -36,7 +36,7 @@ def test_every_model_runs_sparq_or_refuses_it_by_name(results):
         # the layers of the cache SparQ does not take: named in one warning
         refused = r["layers_cache"] - r["layers_sparq"]
         assert len(r["warnings"]) == (1 if refused else 0), (f, r)
-        want = {"exact", "budget", "state", "two_seqs", "seq_cp"} | ({"q8_0"} if "skipped" not in r else set())
+        want = {"exact", "ops", "budget", "state", "two_seqs", "seq_cp"} | ({"q8_0"} if "skipped" not in r else set())
         assert want <= set(r["checks"]), (f, r["checks"])
         bad = {name: c for name, c in r["checks"].items() if not c["ok"]}
         assert not bad, (f, bad)

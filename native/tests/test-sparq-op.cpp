@@ -9,6 +9,8 @@
 //   dense           k >= S and l = 0 equals plain softmax attention
 //   NaN poison      every K^T row outside i1, every masked K^T entry, every K and V row outside
 //                   i2 is NaN: the output must stay finite and equal to the reference
+//   sinks           learned attention sinks (one logit per head, no value row) in the random,
+//                   dense and poison cases
 //
 // Prints one line per failure and ends with "N passed, N failed"; exit code 1 on any failure.
 
@@ -35,6 +37,7 @@ struct Case {
     int min_vis = 0;      // rows with fewer visible positions attend to all of them
     bool realloc = true, no_tau = false;
     bool kt_i8 = false;  // K^T as the fused op's I8 (ggml_sparq_quantize_kt), else K's type
+    bool sinks = false;  // a learned attention sink per query head (ggml_sparq_attn_add_sinks)
     ggml_type tkv = GGML_TYPE_F16, tmask = GGML_TYPE_F16;
     int threads = 2;
     float qmag = 1.0f, kmag = 1.0f;
@@ -46,6 +49,7 @@ struct Data {
     std::vector<float> q, K, V, mask, vmean;
     std::vector<float> KT;  // poison test only: the K^T values, indexed like K ([g][p][j])
     std::vector<float> KQ;  // I8 K^T: the values step 2 sees, indexed like K (empty: K's own)
+    std::vector<float> sink;  // per query head (empty: no sinks)
 };
 
 // K through the I8 K^T and back: what step 2 sees
@@ -72,6 +76,8 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
     auto KS = [&](int p, int j) { return d.KQ.empty() ? K(p, j) : (double) d.KQ[((size_t) g*S + p)*D + j]; };  // step 2's
     auto V = [&](int p, int j) { return (double) d.V[((size_t) g*S + p)*D + j]; };
     auto M = [&](int p) { return (double) d.mask[(size_t) b*S + p]; };
+    auto sink = [&](int h) { return d.sink.empty() ? -INFINITY : (double) d.sink[h]; };
+    auto sink_w = [&](int h, double mx) { return d.sink.empty() ? 0.0 : std::exp(sink(h) - mx); };
     const double scale = 1.0 / std::sqrt((double) D);
 
     std::vector<int> vis;
@@ -88,7 +94,7 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
 
     std::vector<int> i1(D), i2;
     std::iota(i1.begin(), i1.end(), 0);
-    std::vector<double> alpha(G, 1.0);
+    std::vector<double> alpha(G, 1.0);  // steps 2-4 set it below k < n
     std::vector<std::vector<double>> shat(G, std::vector<double>(S, 0.0));
     if (n > k) {
         std::vector<double> a(D, 0.0);
@@ -103,7 +109,7 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
             for (int j : i1) l1s += std::fabs(q(h, j));
             const double tau = c.no_tau ? std::sqrt((double) D) : std::sqrt(D * (l1 > 0 && l1s > 0 ? l1s / l1 : 1.0));
             std::vector<double> x(S, -INFINITY);
-            double mx = -INFINITY;
+            double mx = sink(h);
             for (int p : vis) {
                 double dot = 0;
                 for (int j : i1) dot += q(h, j) * KS(p, j);
@@ -111,8 +117,10 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
                 x[p] = dot / tau + M(p);
                 mx = std::max(mx, x[p]);
             }
-            double z = 0;
+            // a sink: one more term of the denominator, always chosen (alpha starts with its share)
+            double z = sink_w(h, mx);
             for (int p : vis) z += std::exp(x[p] - mx);
+            alpha[hh] = sink_w(h, mx) / z;
             for (int p : vis) {
                 // fp32 semantics (docs/sparq.md, "Ties and rounding"): a score below the smallest normal
                 // float is 0, and such ties go to the lower position
@@ -128,7 +136,6 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
         i2.insert(i2.end(), vis.end() - l, vis.end());
         std::sort(i2.begin(), i2.end());
         for (int hh = 0; hh < G; ++hh) {
-            alpha[hh] = 0;
             for (int p : i2) alpha[hh] += shat[hh][p];
         }
     } else {
@@ -139,14 +146,14 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
         const int h = g*G + hh;
         if (i2.empty()) continue;
         std::vector<double> x;
-        double mx = -INFINITY;
+        double mx = sink(h);
         for (int p : i2) {
             double dot = 0;
             for (int j = 0; j < D; ++j) dot += q(h, j) * K(p, j);
             x.push_back(dot * scale + M(p));
             mx = std::max(mx, x.back());
         }
-        double z = 0;
+        double z = sink_w(h, mx);
         std::vector<double> y(D, 0.0);
         for (size_t i = 0; i < i2.size(); ++i) {
             const double w = std::exp(x[i] - mx);
@@ -167,7 +174,7 @@ void reference(const Case & c, const Data & d, int b, int g, std::vector<double>
 void dense(const Case & c, const Data & d, int b, int h, std::vector<double> & out) {
     const int D = c.D, S = c.S, g = h / c.G;
     std::vector<double> x(S, -INFINITY);
-    double mx = -INFINITY;
+    double mx = d.sink.empty() ? -INFINITY : (double) d.sink[h];
     for (int p = 0; p < S; ++p) {
         if (std::isinf(d.mask[(size_t) b*S + p])) continue;
         double dot = 0;
@@ -178,7 +185,7 @@ void dense(const Case & c, const Data & d, int b, int h, std::vector<double> & o
         mx = std::max(mx, x[p]);
     }
     out.assign(D, 0.0);
-    double z = 0;
+    double z = d.sink.empty() ? 0.0 : std::exp(d.sink[h] - mx);
     for (int p = 0; p < S; ++p) {
         if (std::isinf(x[p])) continue;
         const double w = std::exp(x[p] - mx);
@@ -273,6 +280,11 @@ std::vector<float> run_op(const Case & c, const Data & d, const Data * poison = 
     if (c.k_frac > 0 || c.min_vis > 0) {
         ggml_sparq_attn_set_budget(out, c.k_frac, c.l_div, c.min_vis);
     }
+    if (!d.sink.empty()) {
+        ggml_tensor * sk = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, H);
+        memcpy(sk->data, d.sink.data(), H*sizeof(float));
+        ggml_sparq_attn_add_sinks(out, sk);
+    }
     ggml_cgraph * gf = ggml_new_graph(ctx);
     ggml_build_forward_expand(gf, out);
     ggml_graph_compute_with_ctx(ctx, gf, c.threads);
@@ -308,6 +320,11 @@ Data make_data(const Case & c, std::mt19937 & gen, int mask_mode) {
         round_q8_0(d.V, D);
     }
     if (c.kt_i8) d.KQ = round_kt_i8(d.K, D);
+    if (c.sinks) {  // about log(S) +- 2: as much weight as many positions, as trained sinks hold
+        std::uniform_real_distribution<float> us(std::log((float) S) - 2.0f, std::log((float) S) + 2.0f);
+        d.sink.resize(H);
+        for (float & x : d.sink) x = us(gen);
+    }
     d.vmean.resize((size_t) c.nb*c.Hkv*D);
     for (float & x : d.vmean) x = nd(gen) * 0.1f;
     d.mask.assign((size_t) c.nb*S, 0.0f);
@@ -468,10 +485,20 @@ int main() {
         run_poison(c, gen);
     }
     // dense: k >= S, l = 0
-    for (int D : {64, 256}) for (int G : {1, 4}) {
-        Case c; c.what = "dense"; c.D = D; c.G = G; c.nb = 3; c.S = 300; c.k = 300; c.l = 0;
+    for (int D : {64, 256}) for (int G : {1, 4}) for (bool sinks : {false, true}) {
+        Case c; c.what = sinks ? "dense-sinks" : "dense"; c.D = D; c.G = G; c.nb = 3; c.S = 300; c.k = 300; c.l = 0; c.sinks = sinks;
         Data d = make_data(c, gen, 1);
         check(c, d, run_op(c, d), true, "dense");
+    }
+    // learned attention sinks (gpt-oss: head size 64, 8 query heads per KV head)
+    for (int G : {1, 8}) for (bool realloc : {false, true}) for (int t : {1, 3}) {
+        Case c; c.what = "sinks"; c.sinks = true; c.G = G; c.realloc = realloc; c.threads = t;
+        c.nb = 3; c.S = 900; c.k = 64; c.l = 16;
+        run_case(c, gen, 1);
+        c.kt_i8 = true; c.tkv = GGML_TYPE_Q8_0;
+        run_case(c, gen);
+        c.what = "sinks-poison"; c.kt_i8 = false; c.tkv = GGML_TYPE_F16;
+        run_poison(c, gen);
     }
     // NaN poison: what must not be read is NaN
     for (int D : {64, 128, 256}) for (int G : {1, 3, 4, 8}) for (int t : {1, 2}) {

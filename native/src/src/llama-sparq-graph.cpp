@@ -325,7 +325,7 @@ ggml_tensor * llama_sparq_build_attn(
         ggml_build_forward_expand(gf, ggml_set_rows(ctx0, dst, kc, inp->kt_idxs));
     }
 
-    if (!inp->use_op || kq_b != nullptr || sinks != nullptr) {
+    if (!inp->use_op || kq_b != nullptr) {
         return nullptr;
     }
 
@@ -369,6 +369,7 @@ ggml_tensor * llama_sparq_build_attn(
     if (!st.ops[ikv]) {
         ggml_tensor * cur = ggml_sparq_attn(ctx0, q4, k4, kt4, v4, vmean, kq_mask, kq_scale, cfg.r, cfg.k, cfg.l, flags);
         ggml_sparq_attn_set_budget(cur, cfg.k_frac, cfg.l_div, cfg.min_vis);  // each sequence by its own length
+        ggml_sparq_attn_add_sinks(cur, sinks);
         return ggml_reshape_2d(ctx0, cur, cur->ne[0]*cur->ne[1], cur->ne[2]*cur->ne[3]);
     }
 
@@ -386,7 +387,7 @@ ggml_tensor * llama_sparq_build_attn(
             vm = ggml_cont(ctx0, vm);                                                   // [Dv, 1, T, Hkv]
         }
         ggml_tensor * bias = window_bias(ctx0, inp, kq_mask, s, cfg.l);
-        ggml_tensor * y = ggml_sparq_attn_ops(ctx0, qs, ks, kts, vs, vm, bias, kq_scale, cfg.r, cfg.k, flags);
+        ggml_tensor * y = ggml_sparq_attn_ops(ctx0, qs, ks, kts, vs, vm, bias, sinks, kq_scale, cfg.r, cfg.k, flags);
         out = out == nullptr ? y : ggml_concat(ctx0, out, y, 1);
     }
     return out;

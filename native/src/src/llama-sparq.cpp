@@ -186,9 +186,6 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
     if (hp.f_max_alibi_bias != 0.0f) {
         return "ALiBi position biases (added to the scores; SparQ's approximate scores do not carry them)";
     }
-    if (il < model.layers.size() && model.layers[il].attn_sinks != nullptr) {
-        return "learned attention sinks (an extra logit per head in the softmax, not yet in SparQ's)";
-    }
     const uint32_t n_head = hp.n_head(il), n_head_kv = hp.n_head_kv(il);
     if (n_head_kv == 0 || n_head % n_head_kv != 0 || n_head/n_head_kv > GGML_SPARQ_MAX_GROUP) {
         return "head grouping";

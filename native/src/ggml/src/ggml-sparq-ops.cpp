@@ -18,6 +18,17 @@ void ggml_sparq_attn_set_budget(struct ggml_tensor * a, float k_frac, int32_t l_
     ggml_set_op_params_i32(a, 8, min_vis);
 }
 
+void ggml_sparq_attn_add_sinks(struct ggml_tensor * a, struct ggml_tensor * sinks) {
+    GGML_ASSERT(a->op == GGML_OP_SPARQ_ATTN);
+    if (sinks == nullptr) {
+        a->src[6] = nullptr;
+        return;
+    }
+    GGML_ASSERT(sinks->type == GGML_TYPE_F32 && ggml_is_contiguous(sinks));
+    GGML_ASSERT(ggml_nelements(sinks) == a->src[0]->ne[2]);  // one per query head
+    a->src[6] = sinks;
+}
+
 struct ggml_tensor * ggml_sparq_window_bias(
         struct ggml_context * ctx,
         struct ggml_tensor  * mask,
@@ -41,6 +52,22 @@ static ggml_tensor * swap01(ggml_context * ctx, ggml_tensor * x) {
     return ggml_cont(ctx, ggml_permute(ctx, x, 1, 0, 2, 3));
 }
 
+// softmax over the rows of x [n, G, T, Hkv] with, where sinks [G*Hkv] is given, one more logit
+// per head (a learned attention sink: weight in the denominator, no value row): the weights of
+// x's n entries, contiguous, and in *sink_w (if asked) the sink's own weight [1, G, T, Hkv]
+static ggml_tensor * soft_max_sinks(ggml_context * ctx, ggml_tensor * x, ggml_tensor * sinks, ggml_tensor ** sink_w) {
+    if (sinks == nullptr) {
+        return ggml_soft_max(ctx, x);
+    }
+    const int64_t n = x->ne[0], G = x->ne[1], T = x->ne[2], Hkv = x->ne[3];
+    ggml_tensor * col = ggml_repeat_4d(ctx, ggml_reshape_4d(ctx, sinks, 1, G, 1, Hkv), 1, G, T, Hkv);
+    ggml_tensor * w = ggml_soft_max(ctx, ggml_concat(ctx, x, col, 0));               // [n + 1, G, T, Hkv]
+    if (sink_w != nullptr) {
+        *sink_w = ggml_cont(ctx, ggml_view_4d(ctx, w, 1, G, T, Hkv, w->nb[1], w->nb[2], w->nb[3], n*w->nb[0]));
+    }
+    return ggml_cont(ctx, ggml_view_4d(ctx, w, n, G, T, Hkv, w->nb[1], w->nb[2], w->nb[3], 0));
+}
+
 struct ggml_tensor * ggml_sparq_attn_ops(
         struct ggml_context * ctx,
         struct ggml_tensor  * q,
@@ -49,6 +76,7 @@ struct ggml_tensor * ggml_sparq_attn_ops(
         struct ggml_tensor  * v,
         struct ggml_tensor  * vmean,
         struct ggml_tensor  * bias,
+        struct ggml_tensor  * sinks,
         float                 scale,
         int32_t               r,
         int32_t               k_top,
@@ -62,6 +90,7 @@ struct ggml_tensor * ggml_sparq_attn_ops(
     GGML_ASSERT(bias->ne[0] == n_kv && bias->ne[1] == T && ggml_is_contiguous(bias));
     GGML_ASSERT(r >= 1 && r <= D && k_top >= 1 && k_top <= n_kv);
     GGML_ASSERT((vmean != nullptr) == ((flags & GGML_SPARQ_REALLOC) != 0));
+    GGML_ASSERT(sinks == nullptr || (sinks->type == GGML_TYPE_F32 && ggml_nelements(sinks) == G*Hkv && ggml_is_contiguous(sinks)));
 
     // step 1: i1 = the top-r components of the group's summed |q| [r, T, Hkv]
     ggml_tensor * qg = ggml_cont(ctx, ggml_permute(ctx, q, 1, 0, 3, 2));            // [G, D, T, Hkv]
@@ -82,7 +111,9 @@ struct ggml_tensor * ggml_sparq_attn_ops(
         ggml_tensor * l1s = ggml_scale_bias(ctx, ggml_sum_rows(ctx, ggml_abs(ctx, qs)), 1.0f, 1e-30f);
         sh = ggml_mul(ctx, sh, ggml_scale(ctx, ggml_sqrt(ctx, ggml_div(ctx, l1, l1s)), scale)); // tau: [1, G, T, Hkv]
     }
-    sh = ggml_soft_max(ctx, ggml_add(ctx, sh, mask_of(ctx, ggml_reshape_4d(ctx, bias, n_kv, 1, T, 1)))); // s_hat
+    ggml_tensor * sink_hat = nullptr;                                                 // the sink's s_hat
+    sh = soft_max_sinks(ctx, ggml_add(ctx, sh, mask_of(ctx, ggml_reshape_4d(ctx, bias, n_kv, 1, T, 1))), sinks,
+                        vmean != nullptr ? &sink_hat : nullptr);                      // s_hat
 
     // step 3: i2 = the top k of the group's summed s_hat, the local window forced in by the bias
     ggml_tensor * shg = G > 1 ? swap01(ctx, sh) : ggml_reshape_4d(ctx, sh, 1, n_kv, T, Hkv); // [G, n_kv, T, Hkv]
@@ -98,13 +129,17 @@ struct ggml_tensor * ggml_sparq_attn_ops(
     ggml_tensor * ms = ggml_get_rows(ctx, ggml_reshape_4d(ctx, gs, 1, n_kv, T, Hkv), i2);   // [1, k, T, Hkv]
     ms = mask_of(ctx, ggml_reshape_4d(ctx, ms, k_top, 1, T, Hkv));
     ggml_tensor * a = ggml_mul_mat(ctx, ks, qp);                                     // [k, G, T, Hkv]
-    a = ggml_soft_max(ctx, ggml_add(ctx, ggml_scale(ctx, a, scale), ms));
+    a = soft_max_sinks(ctx, ggml_add(ctx, ggml_scale(ctx, a, scale), ms), sinks, nullptr);
     ggml_tensor * y = ggml_mul_mat(ctx, swap01(ctx, vs), a);                          // [Dv, G, T, Hkv]
 
-    // steps 4 and 6: alpha = s_hat summed over the chosen rows, per head; y = vmean + alpha (y - vmean)
+    // steps 4 and 6: alpha = s_hat summed over the chosen rows (and the sink, always chosen), per
+    // head; y = vmean + alpha (y - vmean)
     if (vmean != nullptr) {
         ggml_tensor * sel = ggml_get_rows(ctx, shg, i2);                              // [G, k, T, Hkv]
         ggml_tensor * alpha = ggml_sum_rows(ctx, G > 1 ? swap01(ctx, sel) : ggml_reshape_4d(ctx, sel, k_top, 1, T, Hkv));
+        if (sink_hat != nullptr) {
+            alpha = ggml_add(ctx, alpha, sink_hat);
+        }
         y = ggml_add(ctx, ggml_mul(ctx, ggml_sub(ctx, y, vmean), alpha), vmean);
     }
     y = ggml_cont(ctx, ggml_permute(ctx, y, 0, 1, 3, 2));                            // [Dv, G, Hkv, T]

@@ -33,6 +33,10 @@ void attn_ref(const ggml_tensor * dst) {
     const ggml_tensor * mask = dst->src[3];
     const ggml_tensor * kt = dst->src[4];
     const ggml_tensor * vmean = dst->src[5];
+    const ggml_tensor * sinks = dst->src[6];
+    // a head's sink logit (-inf: none), and its term exp(sink - mx) of a softmax's denominator
+    auto sink = [&](int64_t h) { return sinks ? (double) ((const float *) sinks->data)[h] : -INFINITY; };
+    auto sink_term = [&](int64_t h, double mx) { return sink(h) == -INFINITY ? 0.0 : std::exp(sink(h) - mx); };
     const sparq_dims d = get_dims(dst);
     const bool realloc = d.flags & GGML_SPARQ_REALLOC;
     const bool no_tau  = d.flags & GGML_SPARQ_NO_TAU;
@@ -64,7 +68,7 @@ void attn_ref(const ggml_tensor * dst) {
         int32_t k_top, l;
         query_budget(d, n_vis, k_top, l);
         std::vector<int64_t> sel;
-        std::vector<double> alpha(d.G, 1.0);
+        std::vector<double> alpha(d.G, 1.0), sink_hat(d.G, 0.0);
         std::vector<std::vector<double>> shat(d.G, std::vector<double>(n_vis, 0.0));
         if (n_vis <= k_top) {
             sel = vis;
@@ -86,15 +90,17 @@ void attn_ref(const ggml_tensor * dst) {
                 const double ratio = l1 > 0 && l1s > 0 ? l1s / l1 : 1.0;
                 const double sc = no_tau ? d.scale : d.scale / std::sqrt(ratio);
                 std::vector<double> lg(n_vis);
-                double mx = -INFINITY;
+                double mx = sink(h);
                 for (int64_t i = 0; i < n_vis; ++i) {
                     double dot = 0;
                     for (int64_t j : order) dot += qv(j, b, h, s) * ktv(j, vis[i], g, s);
                     lg[i] = dot * sc + mask_at(mask, mrow, vis[i]);
                     mx = std::max(mx, lg[i]);
                 }
-                double z = 0;
+                double z = sink_term(h, mx);
+                sink_hat[hh] = z;
                 for (int64_t i = 0; i < n_vis; ++i) z += std::exp(lg[i] - mx);
+                sink_hat[hh] = z > 0 ? sink_hat[hh] / z : 0.0;
                 for (int64_t i = 0; i < n_vis; ++i) {
                     const double e = std::exp(lg[i] - mx);  // numerators below FLT_MIN count as 0
                     shat[hh][i] = e < FLT_MIN ? 0.0 : e / z;
@@ -109,7 +115,7 @@ void attn_ref(const ggml_tensor * dst) {
             std::stable_sort(rest.begin(), rest.end(), [&](int64_t x, int64_t y) { return gsum[x] > gsum[y]; });
             for (int64_t i = 0; i < k_top - l; ++i) chosen[rest[i]] = 1;
             for (int64_t hh = 0; hh < d.G; ++hh) {
-                alpha[hh] = 0;
+                alpha[hh] = sink_hat[hh];  // the sink is always chosen
                 for (int64_t i = 0; i < n_vis; ++i) if (chosen[i]) alpha[hh] += shat[hh][i];
             }
             for (int64_t i = 0; i < n_vis; ++i) if (chosen[i]) sel.push_back(vis[i]);
@@ -118,7 +124,7 @@ void attn_ref(const ggml_tensor * dst) {
             const int64_t h = g*d.G + hh;
             float * out = (float *) ((char *) dst->data + h*dst->nb[1] + b*dst->nb[2] + s*dst->nb[3]);
             std::vector<double> lg(sel.size()), y(d.Dv, 0.0);
-            double mx = -INFINITY, z = 0;
+            double mx = sink(h), z = 0;
             for (size_t i = 0; i < sel.size(); ++i) {
                 load_row(k, sel[i], g, s, krow);
                 double dot = 0;
@@ -126,6 +132,7 @@ void attn_ref(const ggml_tensor * dst) {
                 lg[i] = dot * d.scale + mask_at(mask, mrow, sel[i]);
                 mx = std::max(mx, lg[i]);
             }
+            z = sel.empty() ? 0.0 : sink_term(h, mx);
             for (size_t i = 0; i < sel.size(); ++i) {
                 const double w = std::exp(lg[i] - mx);
                 z += w;

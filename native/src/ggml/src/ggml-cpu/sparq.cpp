@@ -100,6 +100,7 @@ sparq_layout get_layout(const sparq_dims & d, int nth) {
 // barrier after each (sparq_attn_fast), and share their results through the scratch (wdata).
 struct sparq_run {
     const ggml_tensor * q, * k, * v, * mask, * kt, * vmean;
+    const float * sinks;  // learned attention sinks, one logit per query head, or null
     ggml_tensor * dst;
     const sparq_dims d;
     const int ith, nth;
@@ -129,7 +130,8 @@ struct sparq_run {
     float * sc;         // G*(S/nth + 32): step 5's scores (two pieces of at most n/nth + 16 rows)
 
     sparq_run(const ggml_compute_params * params, ggml_tensor * t)
-        : q(t->src[0]), k(t->src[1]), v(t->src[2]), mask(t->src[3]), kt(t->src[4]), vmean(t->src[5]), dst(t),
+        : q(t->src[0]), k(t->src[1]), v(t->src[2]), mask(t->src[3]), kt(t->src[4]), vmean(t->src[5]),
+          sinks(t->src[6] ? (const float *) t->src[6]->data : nullptr), dst(t),
           d(get_dims(t)), ith(params->ith), nth(params->nth), o(get_layout(d, nth)),
           G(d.G), S(d.n_kv), I(d.n_items),
           realloc(d.flags & GGML_SPARQ_REALLOC), no_tau(d.flags & GGML_SPARQ_NO_TAU),
@@ -165,20 +167,31 @@ struct sparq_run {
         return (const float *) ((const char *) q->data + b*q->nb[1] + h*q->nb[2] + s*q->nb[3]);
     }
 
-    // per head of item it: the global max of the approximate logits (after step 2's logits), and
-    // the inverse softmax denominator (after step 2's softmax), from the threads' partials
+    // the sink logit of head hh of item it's group (-inf: none)
+    float sink(int64_t it, int64_t hh) const {
+        return sinks ? sinks[(it % d.n_head_kv)*G + hh] : -INFINITY;
+    }
+
+    // per head of item it: the global max of the approximate logits and the sink (after step 2's
+    // logits), and the inverse softmax denominator with the sink's term (after step 2's softmax),
+    // from the threads' partials; sink_hat (if given): the sink's own s_hat
     void head_max(int64_t it, float * M) const {
         for (int64_t hh = 0; hh < G; ++hh) {
-            float m = -INFINITY;
+            float m = sink(it, hh);
             for (int t = 0; t < nth; ++t) m = std::max(m, pmax[((size_t) t*I + it)*G + hh]);
             M[hh] = m;
         }
     }
-    void head_zinv(int64_t it, float * zinv) const {
+    void head_zinv(int64_t it, float * zinv, float * sink_hat = nullptr) const {
+        float M[GGML_SPARQ_MAX_GROUP];
+        if (sinks) head_max(it, M);
         for (int64_t hh = 0; hh < G; ++hh) {
             double z = 0;
             for (int t = 0; t < nth; ++t) z += psum[((size_t) t*I + it)*G + hh];
+            const double zs = sinks && sink(it, hh) > -INFINITY ? std::exp((double) sink(it, hh) - M[hh]) : 0.0;
+            z += zs;
             zinv[hh] = z > 0 ? (float) (1.0 / z) : 0.0f;
+            if (sink_hat) sink_hat[hh] = (float) (zs / z);
         }
     }
 
@@ -542,7 +555,15 @@ struct sparq_run {
             for (int t = 0; t < nth; ++t) M = std::max(M, part[(((size_t) t*I + it)*G + hh)*o.part_stride]);
             memset(out, 0, d.Dv*sizeof(float));
             if (inf.n_sel == 0 || M == -INFINITY) continue;
-            double Ssum = 0, alpha = 0;
+            // a sink is one more term of the denominator, with no value row; it is always chosen
+            const float sk = sink(it, hh);
+            M = std::max(M, sk);
+            double Ssum = sinks ? std::exp((double) sk - M) : 0.0, alpha = 0;
+            if (sinks && realloc && !inf.dense) {
+                float zinv[GGML_SPARQ_MAX_GROUP], sink_hat[GGML_SPARQ_MAX_GROUP];
+                head_zinv(it, zinv, sink_hat);
+                alpha = sink_hat[hh];
+            }
             for (int t = 0; t < nth; ++t) {
                 const float * ph = part + (((size_t) t*I + it)*G + hh)*o.part_stride;
                 alpha += ph[2];
@@ -606,7 +627,9 @@ bool ggml_sparq_attn_supported(const struct ggml_tensor * op) {
         return (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_F32) && t->nb[0] == ggml_type_size(t->type);
     };
     const bool kt_ok = kt->type == GGML_TYPE_I8 ? kt->nb[0] == 1 && kt->ne[1] == q->ne[0] + 1 : ok_kv(kt, false);
-    return q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) && ok_kv(k, true) && kt_ok && ok_kv(v, true) &&
+    const ggml_tensor * sinks = op->src[6];
+    const bool sinks_ok = sinks == nullptr || (sinks->type == GGML_TYPE_F32 && ggml_is_contiguous(sinks));
+    return sinks_ok && q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) && ok_kv(k, true) && kt_ok && ok_kv(v, true) &&
            op->type == GGML_TYPE_F32 &&
            (mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32) &&
            q->ne[2] / k->ne[2] <= GGML_SPARQ_MAX_GROUP && q->ne[0] <= GGML_SPARQ_MAX_HEAD_SIZE &&

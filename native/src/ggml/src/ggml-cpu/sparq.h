@@ -13,6 +13,9 @@
 //   6. y = alpha * y_sparse + (1 - alpha) * vmean  (alpha = 1 without GGML_SPARQ_REALLOC).
 // When k >= the number of visible positions, every visible row is used and alpha = 1: the
 // result is dense attention, and steps 1-4 are skipped.
+// Learned attention sinks (src[6], one logit per query head, ggml_sparq_attn_add_sinks): one more
+// logit with no value row in the softmaxes of steps 2 and 5, always selected (its s_hat is part
+// of alpha), as flash_attn_ext's sinks in dense attention.
 // Types: K^T in F16, F32, or I8 with a power-of-two scale per position (step 2 reads it: its
 // r rows, and for I8 the exponent row D); K and V in F16, F32 or Q8_0 (steps 5-6 read whole
 // rows; Q8_0 rows are dequantized, q stays in f32).
