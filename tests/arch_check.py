@@ -214,6 +214,7 @@ def _check_model(path: Path) -> dict:
         out["warnings"] = list(warnings_seen)
         out["reason"] = sq.dense_reason()
         out["layers_sparq"] = sq.stats(s)["n_layers_sparq"]
+        out["layers_attn"] = sq.stats(s)["n_layers"]  # with a KV cache (a hybrid's recurrent layers have none)
         if status != sq.SparqStatus.OK:
             return out
         # the layers of the cache SparQ can serve (not those in a sliding-window or chunked cache)
@@ -427,10 +428,13 @@ def _why(r: dict) -> str:
     if r.get("status") == "DENSE":
         return r["reason"]
     parts = [r["reason"].split("; dense: ", 1)[1]] if r["reason"] else []  # the layers of the cache left dense
-    n_window = r["n_layer"] - r["layers_cache"]
+    n_window = r["layers_attn"] - r["layers_cache"]
     if n_window > 0:
         parts.append(f"{n_window} sliding-window or chunked layer{'s' if n_window > 1 else ''} "
                      "(their own short cache: dense by design)")
+    n_recurrent = r["n_layer"] - r["layers_attn"]
+    if n_recurrent > 0:
+        parts.append(f"{n_recurrent} recurrent layer{'s' if n_recurrent > 1 else ''} (no attention)")
     if "skipped" in r:
         parts.append(r["skipped"])
     return "; ".join(parts)

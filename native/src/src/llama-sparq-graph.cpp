@@ -10,6 +10,8 @@
 #include "llama-graph.h"
 #include "llama-kv-cache.h"
 #include "llama-kv-cache-iswa.h"
+#include "llama-memory-hybrid.h"
+#include "llama-memory-hybrid-iswa.h"
 
 #include <algorithm>
 #include <cmath>
@@ -162,6 +164,10 @@ bool llm_graph_input_sparq::can_reuse(const llm_graph_params & params) {
     const llama_kv_cache_context * m = nullptr;
     if (auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(params.mctx)) {
         m = iswa->get_base();
+    } else if (auto * hyb = dynamic_cast<const llama_memory_hybrid_context *>(params.mctx)) {
+        m = hyb->get_attn();
+    } else if (auto * hyb = dynamic_cast<const llama_memory_hybrid_iswa_context *>(params.mctx)) {
+        m = hyb->get_attn()->get_base();
     } else {
         m = dynamic_cast<const llama_kv_cache_context *>(params.mctx);
     }

@@ -14,6 +14,7 @@
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cache-msa.h"
 #include "llama-memory-hybrid.h"
+#include "llama-memory-hybrid-idx.h"
 #include "llama-memory-hybrid-iswa.h"
 #include "llama-memory-recurrent.h"
 #include "llama-model.h"
@@ -131,6 +132,20 @@ static llama_kv_cache * sparq_cache(const llama_context * ctx, int32_t * n_layer
         *n_layers = (int32_t) (cache_internals::n_layers(*iswa->get_base()) + cache_internals::n_layers(*iswa->get_swa()));
         return iswa->get_base(); // sliding-window layers stay dense
     }
+    // hybrid memory: the attention layers' cache (the recurrent layers have none); not where the
+    // model keeps its own sparse-attention index beside it
+    if (dynamic_cast<llama_memory_hybrid_idx *>(mem) != nullptr) {
+        return nullptr;
+    }
+    if (auto * hyb = dynamic_cast<llama_memory_hybrid *>(mem)) {
+        *n_layers = (int32_t) cache_internals::n_layers(*hyb->get_mem_attn());
+        return hyb->get_mem_attn();
+    }
+    if (auto * hyb = dynamic_cast<llama_memory_hybrid_iswa *>(mem)) {
+        llama_kv_cache_iswa * iswa = hyb->get_mem_attn();
+        *n_layers = (int32_t) (cache_internals::n_layers(*iswa->get_base()) + cache_internals::n_layers(*iswa->get_swa()));
+        return iswa->get_base();
+    }
     return nullptr;
 }
 
@@ -143,11 +158,9 @@ static const char * sparq_memory_unsupported(const llama_context * ctx) {
     if (dynamic_cast<llama_memory_recurrent *>(mem) != nullptr) {
         return "recurrent memory: no attention KV cache";
     }
-    if (dynamic_cast<llama_memory_hybrid *>(mem) != nullptr || dynamic_cast<llama_memory_hybrid_iswa *>(mem) != nullptr) {
-        return "hybrid memory (attention layers beside recurrent ones): not served by SparQ yet";
-    }
     if (dynamic_cast<llama_kv_cache_dsa *>(mem) != nullptr || dynamic_cast<llama_kv_cache_dsa_iswa *>(mem) != nullptr ||
-        dynamic_cast<llama_kv_cache_msa *>(mem) != nullptr || dynamic_cast<llama_kv_cache_dsv4 *>(mem) != nullptr) {
+        dynamic_cast<llama_kv_cache_msa *>(mem) != nullptr || dynamic_cast<llama_kv_cache_dsv4 *>(mem) != nullptr ||
+        dynamic_cast<llama_memory_hybrid_idx *>(mem) != nullptr) {
         return "the model's own sparse-attention cache (its indexer already selects the positions each query reads)";
     }
     return "this model's memory is not a plain KV cache";
@@ -513,7 +526,10 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     const int32_t min_ctx = sparq_min_ctx(*params);
     std::string reason;
     if (!lay.any_eligible()) {
-        reason = std::string("no layer can use SparQ (") + (lay.refused.empty() ? "none in the layer range" : lay.describe_refused()) + ")";
+        const char * none = cache_internals::n_layers(*kv) == 0
+            ? "every attention layer is sliding-window or chunked: their own short cache, dense by design"
+            : "none in the layer range";
+        reason = std::string("no layer can use SparQ (") + (lay.refused.empty() ? none : lay.describe_refused()) + ")";
     } else if (kv->get_size() < (uint32_t) min_ctx) {
         reason = "the context holds " + std::to_string(kv->get_size()) + " positions per sequence, fewer than min_ctx " +
                  std::to_string(min_ctx) + " (the sequence length from which SparQ replaces dense attention)";
