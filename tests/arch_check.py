@@ -4,8 +4,9 @@ in docs/architectures.md.
 The models are llama.cpp's own: its test generator (upstream's tests/test-llama-archs.cpp, built
 as build/native/bin/test-llama-archs by `make build`) writes a small random-weight GGUF of every
 architecture it can build (2 layers of width 256 for most, head size 128, vocabulary 128; MoE
-variants where the architecture has them), and one made here from its MiMo-V2 model with V heads
-half the size of K heads (as MiMo-V2-Flash's, 192 and 128; the generator makes them alike). Its learned attention sinks (gpt-oss, MiMo 2, Granite
+variants where the architecture has them), and models made here from two of them with other head
+sizes (RESIZED: V heads smaller than K's, as MiMo-V2-Flash's; heads of 512, as Gemma 4's global
+layers; the generator makes every head 128 wide). Its learned attention sinks (gpt-oss, MiMo 2, Granite
 SWA) are random like the other weights, near 0: beside 600 positions such a sink holds almost no
 weight, and a SparQ that left it out would pass. They are set here to what trained sinks are, a
 large share of each head's weight (log of the prompt's length, +-1.5). Each model, in a process of its own set (a crash is one
@@ -59,7 +60,11 @@ N_PROMPT = 600      # tokens before the decoded ones (longer than the default mi
 N_GEN = 4           # decoded tokens compared per check
 N_CTX = 1024
 BOUND_FACTOR = 1.5  # the rounding bound: this times dense's flash attention on/off difference
-VALUE_HEADS_HALVED = "mimo2-dv64-moe.gguf"  # a model with V heads of 64 beside K heads of 128
+# models made here from the generator's, with other head sizes: name -> (from, K head size, V head size)
+RESIZED = {
+    "mimo2-dv64-moe.gguf": ("mimo2-moe.gguf", 128, 64),       # V heads smaller than K's (MiMo-V2-Flash: 192, 128)
+    "llama-d512-dense.gguf": ("llama-dense.gguf", 512, 512),  # the largest heads the op takes (Gemma 4's global layers)
+}
 SINK_LOGIT = math.log(N_PROMPT)  # a sink's weight, that of N_PROMPT positions of logit 0
 BUDGET_NMSE = 1.0   # the loose bound at 1/8: squared error against dense's logits / their square
                     # (random weights say nothing of accuracy: this catches garbage, an error as large as the logits)
@@ -68,7 +73,7 @@ BUDGET_NMSE = 1.0   # the loose bound at 1/8: squared error against dense's logi
 def generate(out_dir: Path = MODELS_DIR) -> list:
     """The generator's models in out_dir, written when missing or older than the generator."""
     stamp = out_dir / ".generated"
-    want = f"{GENERATOR.stat().st_mtime_ns} {' '.join(GEN_ARGS)} sinks={SINK_LOGIT:.3f} {VALUE_HEADS_HALVED}"
+    want = f"{GENERATOR.stat().st_mtime_ns} {' '.join(GEN_ARGS)} sinks={SINK_LOGIT:.3f} {sorted(RESIZED.items())}"
     if not (stamp.exists() and stamp.read_text() == want):
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in out_dir.glob("*.gguf"):
@@ -78,43 +83,49 @@ def generate(out_dir: Path = MODELS_DIR) -> list:
             raise RuntimeError(f"test-llama-archs -o failed ({r.returncode}): {r.stderr[-2000:]}")
         for f in out_dir.glob("*.gguf"):
             _weighty_sinks(f)
-        _value_heads_halved(out_dir / "mimo2-moe.gguf", out_dir / VALUE_HEADS_HALVED)
+        for name, (base, dk, dv) in RESIZED.items():
+            _heads_resized(out_dir / base, out_dir / name, dk, dv)
         stamp.write_text(want)
     return sorted(out_dir.glob("*.gguf"))
 
 
-def _value_heads_halved(src: Path, dst: Path) -> None:
-    """A copy of src with V heads half the size of K heads (MiMo-V2's are 192 and 128), new random
-    V and output projections for them: the generator makes K and V heads alike"""
+def _heads_resized(src: Path, dst: Path, dk: int, dv: int) -> None:
+    """A copy of src with K heads of dk and V heads of dv, new random attention projections for
+    them (the generator makes every head 128 wide)"""
     import gguf
     import numpy as np
 
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
+    key = lambda name: f"{arch}.{name}"
+    size = {key("attention.key_length"): dk, key("attention.key_length_swa"): dk,
+            key("rope.dimension_count"): dk, key("rope.dimension_count_swa"): dk,
+            key("attention.value_length"): dv, key("attention.value_length_swa"): dv}
+    n_head = reader.fields[key("attention.head_count")].contents()
+    n_head_kv = reader.fields[key("attention.head_count_kv")].contents()
     writer = gguf.GGUFWriter(dst, arch)
     writer.add_architecture = lambda *a, **k: None  # written from the copied fields below
-    half = {}
     for f in reader.fields.values():
         if f.name.startswith("GGUF.") or f.name == "general.architecture" or (
                 f.types[0] == gguf.GGUFValueType.ARRAY and len(f.data) == 0):  # (gguf-py writes no empty array)
             continue
-        val = f.contents()
-        if f.name in (f"{arch}.attention.value_length", f"{arch}.attention.value_length_swa"):
-            val = half[f.name] = val // 2
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, val, vtype, sub_type=sub)
-    assert len(half) == 2, half
-    dv, n_head_kv = half[f"{arch}.attention.value_length"], reader.fields[f"{arch}.attention.head_count_kv"].contents()
-    n_head = reader.fields[f"{arch}.attention.head_count"].contents()
+        writer.add_key_value(f.name, size.get(f.name, f.contents()), vtype, sub_type=sub)
+    # rows of each projection's output (the weights' ne[1], the biases' ne[0]), and the input of wo
+    out_rows = {"attn_q": dk * n_head, "attn_k": dk * n_head_kv, "attn_v": dv * n_head_kv}
     rng = np.random.default_rng(11)
     for t in reader.tensors:
         data = np.asarray(t.data)
-        if t.name.endswith("attn_v.weight"):    # [n_embd] -> [dv*n_head_kv]
-            data = (rng.standard_normal((dv * n_head_kv, data.shape[1])) * data.std()).astype(np.float32)
-        elif t.name.endswith("attn_v.bias"):
-            data = data[:dv * n_head_kv].copy()
-        elif t.name.endswith("attn_output.weight"):  # [dv*n_head] -> [n_embd]
+        parts = t.name.split(".")  # blk.N.<kind>.<part>
+        kind, part = (parts[2], parts[-1]) if len(parts) == 4 else ("", "")
+        if kind in out_rows and part == "weight":
+            data = (rng.standard_normal((out_rows[kind], data.shape[1])) * data.std()).astype(np.float32)
+        elif kind in out_rows and part == "bias":
+            data = (rng.standard_normal(out_rows[kind]) * data.std()).astype(np.float32)
+        elif t.name == "rope_freqs.weight":  # a factor per rotated pair
+            data = np.resize(data, dk // 2).astype(np.float32)
+        elif kind == "attn_output" and part == "weight":
             data = (rng.standard_normal((data.shape[0], dv * n_head)) * data.std()).astype(np.float32)
         writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
     writer.write_header_to_file()
@@ -456,8 +467,9 @@ def table(results: dict) -> str:
             continue
         for r in sorted(rows, key=lambda r: r["file"]):
             variant = r["file"].rsplit("-", 1)[1].removesuffix(".gguf")
-            if r["file"] == VALUE_HEADS_HALVED:
-                variant += ", V heads half K's (made here)"
+            if r["file"] in RESIZED:
+                dk, dv = RESIZED[r["file"]][1:]
+                variant += f", K/V heads {dk}/{dv} (made here)"
             if "error" in r:
                 lines.append(f"| {name} | {variant} | - | error: {r['error']} |")
                 continue

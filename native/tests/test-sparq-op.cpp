@@ -1,7 +1,7 @@
 // sparq-cpp: GGML_OP_SPARQ_ATTN on the CPU backend against a reference written here, independently
 // of the kernel, straight from docs/sparq.md (double precision, sorts instead of selections).
 //
-//   random cases    head dims 64/128/256, groups 1/3/4/8, several query rows with their own
+//   random cases    head dims 64/128/256 (and 512), groups 1/3/4/8, several query rows with their own
 //                   visible lengths, 1-3 threads, F16, F32 and Q8_0 K/V, F16 and F32 masks
 //   adversarial     ties in |q| and in scores, fully and partly masked rows, S < k, S = 1,
 //                   r = D, l = k, large magnitudes, no reallocation, no tau
@@ -489,6 +489,13 @@ int main() {
         Case c; c.what = sinks ? "dense-sinks" : "dense"; c.D = D; c.G = G; c.nb = 3; c.S = 300; c.k = 300; c.l = 0; c.sinks = sinks;
         Data d = make_data(c, gen, 1);
         check(c, d, run_op(c, d), true, "dense");
+    }
+    // head size 512 (Gemma 4's global layers)
+    for (int G : {1, 4}) for (ggml_type tkv : {GGML_TYPE_F16, GGML_TYPE_Q8_0}) {
+        Case c; c.what = "d512"; c.D = 512; c.G = G; c.Hkv = 1; c.tkv = tkv; c.nb = 2; c.S = 600; c.r = 64; c.k = 48; c.l = 12;
+        run_case(c, gen, 1);
+        c.kt_i8 = true; run_case(c, gen);
+        c.what = "d512-poison"; c.kt_i8 = false; run_poison(c, gen);
     }
     // learned attention sinks (gpt-oss: head size 64, 8 query heads per KV head)
     for (int G : {1, 8}) for (bool realloc : {false, true}) for (int t : {1, 3}) {

@@ -204,7 +204,7 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
         return "head grouping";
     }
     if (hp.n_embd_head_k(il) > GGML_SPARQ_MAX_HEAD_SIZE || hp.n_embd_head_v(il) > GGML_SPARQ_MAX_HEAD_SIZE) {
-        return "head size above 256 (GGML_SPARQ_MAX_HEAD_SIZE)";
+        return "head size above 512 (GGML_SPARQ_MAX_HEAD_SIZE)";
     }
 
     if (layer_device(kv, ikv) == nullptr) {
