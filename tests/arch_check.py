@@ -64,6 +64,7 @@ BOUND_FACTOR = 1.5  # the rounding bound: this times dense's flash attention on/
 RESIZED = {
     "mimo2-dv64-moe.gguf": ("mimo2-moe.gguf", 128, 64),       # V heads smaller than K's (MiMo-V2-Flash: 192, 128)
     "llama-d512-dense.gguf": ("llama-dense.gguf", 512, 512),  # the largest heads the op takes (Gemma 4's global layers)
+    "openelm-kv21-dense.gguf": ("openelm-dense.gguf", 128, 128, [2, 1]),  # KV heads per layer (OpenELM's vary)
 }
 SINK_LOGIT = math.log(N_PROMPT)  # a sink's weight, that of N_PROMPT positions of logit 0
 BUDGET_NMSE = 1.0   # the loose bound at 1/8: squared error against dense's logits / their square
@@ -83,15 +84,16 @@ def generate(out_dir: Path = MODELS_DIR) -> list:
             raise RuntimeError(f"test-llama-archs -o failed ({r.returncode}): {r.stderr[-2000:]}")
         for f in out_dir.glob("*.gguf"):
             _weighty_sinks(f)
-        for name, (base, dk, dv) in RESIZED.items():
-            _heads_resized(out_dir / base, out_dir / name, dk, dv)
+        for name, (base, *sizes) in RESIZED.items():
+            _heads_resized(out_dir / base, out_dir / name, *sizes)
         stamp.write_text(want)
     return sorted(out_dir.glob("*.gguf"))
 
 
-def _heads_resized(src: Path, dst: Path, dk: int, dv: int) -> None:
-    """A copy of src with K heads of dk and V heads of dv, new random attention projections for
-    them (the generator makes every head 128 wide)"""
+def _heads_resized(src: Path, dst: Path, dk: int, dv: int, kv_heads: list = None) -> None:
+    """A copy of src with K heads of dk and V heads of dv, and kv_heads[il] KV heads in layer il
+    where given, new random attention projections for them (the generator makes every head 128
+    wide, every layer alike)"""
     import gguf
     import numpy as np
 
@@ -103,6 +105,7 @@ def _heads_resized(src: Path, dst: Path, dk: int, dv: int) -> None:
             key("attention.value_length"): dv, key("attention.value_length_swa"): dv}
     n_head = reader.fields[key("attention.head_count")].contents()
     n_head_kv = reader.fields[key("attention.head_count_kv")].contents()
+    kv_heads = kv_heads or [n_head_kv] * reader.fields[key("block_count")].contents()
     writer = gguf.GGUFWriter(dst, arch)
     writer.add_architecture = lambda *a, **k: None  # written from the copied fields below
     for f in reader.fields.values():
@@ -111,14 +114,18 @@ def _heads_resized(src: Path, dst: Path, dk: int, dv: int) -> None:
             continue
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, size.get(f.name, f.contents()), vtype, sub_type=sub)
-    # rows of each projection's output (the weights' ne[1], the biases' ne[0]), and the input of wo
-    out_rows = {"attn_q": dk * n_head, "attn_k": dk * n_head_kv, "attn_v": dv * n_head_kv}
+        val = size.get(f.name, f.contents())
+        if f.name == key("attention.head_count_kv") and len(set(kv_heads)) > 1:
+            val, vtype, sub = kv_heads, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
+        writer.add_key_value(f.name, val, vtype, sub_type=sub)
     rng = np.random.default_rng(11)
     for t in reader.tensors:
         data = np.asarray(t.data)
         parts = t.name.split(".")  # blk.N.<kind>.<part>
         kind, part = (parts[2], parts[-1]) if len(parts) == 4 else ("", "")
+        # rows of each projection's output (the weights' ne[1], the biases' ne[0])
+        kvh = kv_heads[int(parts[1])] if kind else 0
+        out_rows = {"attn_q": dk * n_head, "attn_k": dk * kvh, "attn_v": dv * kvh, "attn_qkv": dk * (n_head + 2 * kvh)}
         if kind in out_rows and part == "weight":
             data = (rng.standard_normal((out_rows[kind], data.shape[1])) * data.std()).astype(np.float32)
         elif kind in out_rows and part == "bias":
@@ -468,8 +475,8 @@ def table(results: dict) -> str:
         for r in sorted(rows, key=lambda r: r["file"]):
             variant = r["file"].rsplit("-", 1)[1].removesuffix(".gguf")
             if r["file"] in RESIZED:
-                dk, dv = RESIZED[r["file"]][1:]
-                variant += f", K/V heads {dk}/{dv} (made here)"
+                dk, dv, *kv_heads = RESIZED[r["file"]][1:]
+                variant += f", K/V heads {dk}/{dv}" + (f", KV heads {kv_heads[0]} per layer" if kv_heads else "") + " (made here)"
             if "error" in r:
                 lines.append(f"| {name} | {variant} | - | error: {r['error']} |")
                 continue

@@ -36,7 +36,10 @@ public:
     int64_t  n_plan     = 0;             // the portable graph's: the longest visible sequence of the ubatch
     bool     use_op     = false;         // this ubatch takes SparQ
 
-    ggml_tensor * kt_idxs = nullptr;     // I64 [n_tokens*n_embd_kt]: mirror element of each K element
+    // I64 [n_tokens*n_embd_k]: the mirror element of each K element of the ubatch, one tensor per
+    // K width (layers may differ: OpenELM's KV heads per layer), made by the first layer of that width
+    std::map<int64_t, ggml_tensor *> kt_idxs;
+    int64_t n_tokens = 0;
     ggml_tensor * vsum    = nullptr;     // F32 [vsum_size, n_tokens]: V sum of the token's sequence, before it
     ggml_tensor * inv_cnt = nullptr;     // F32 [1, n_tokens]: 1/(cells in that sum + 1)
 
@@ -140,9 +143,7 @@ llm_graph_input_sparq * llama_sparq_build_input(
     inp->use_op     = use_sparq(*kv->sparq, ubatch, cparams, inp->n_kv);
     inp->n_plan     = inp->use_op && kv->sparq->n_ops > 0 ? longest_visible(*kv, ubatch, inp->n_kv) : inp->n_kv;
 
-    inp->kt_idxs = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, (int64_t) ubatch.n_tokens*kv->sparq->n_embd_kt);
-    ggml_set_input(inp->kt_idxs);
-    ggml_set_name(inp->kt_idxs, "sparq_inp_kt_idxs");
+    inp->n_tokens   = ubatch.n_tokens;
 
     if (inp->use_op && kv->sparq->realloc) {
         inp->vsum = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, kv->sparq->vsum_size, ubatch.n_tokens);
@@ -174,7 +175,7 @@ bool llm_graph_input_sparq::can_reuse(const llm_graph_params & params) {
     if (m == nullptr || cache_internals::kv(m) == nullptr || cache_internals::kv(m)->sparq != st || st->generation != generation) {
         return false;
     }
-    if (m->get_n_kv() != n_kv || kt_idxs->ne[0] != (int64_t) params.ubatch.n_tokens*st->n_embd_kt) {
+    if (m->get_n_kv() != n_kv || (int64_t) params.ubatch.n_tokens != n_tokens) {
         return false;
     }
     if (use_sparq(*st, params.ubatch, params.cparams, n_kv) != use_op) {
@@ -200,12 +201,14 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
     llama_kv_cache & kv = *cache_internals::kv(mctx);
     const auto & sinfo = cache_internals::sinfo(mctx);
     const uint32_t kv_size = kv.get_size();
-    const int64_t n_embd = st->n_embd_kt;
 
-    // 1. where each K element of the ubatch goes in the mirror
-    {
-        GGML_ASSERT(ggml_backend_buffer_is_host(kt_idxs->buffer));
-        int64_t * idx = (int64_t *) kt_idxs->data;
+    // 1. where each K element of the ubatch goes in the mirror (of each K width)
+    for (const auto & [n_embd, t] : kt_idxs) {
+        if (t->buffer == nullptr) {
+            continue;
+        }
+        GGML_ASSERT(ggml_backend_buffer_is_host(t->buffer));
+        int64_t * idx = (int64_t *) t->data;
         const size_t size = sinfo.size();
         for (uint32_t s = 0; s < sinfo.n_stream(); ++s) {
             const int64_t offs = (int64_t) sinfo.strm[s]*kv_size*n_embd;
@@ -319,16 +322,25 @@ ggml_tensor * llama_sparq_build_attn(
     }
     ggml_tensor * kt = st.kt[ikv];
 
+    // the mirror element of each K element of the ubatch, for this layer's K width
+    const int64_t n_embd_k = cache_internals::k(kv, ikv)->ne[0];
+    ggml_tensor *& idxs = inp->kt_idxs[n_embd_k];
+    if (idxs == nullptr) {
+        idxs = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, inp->n_tokens*n_embd_k);
+        ggml_set_input(idxs);
+        ggml_format_name(idxs, "sparq_inp_kt_idxs_%d", (int) n_embd_k);
+    }
+
     // the mirror: every element of k_cur is a row of the flattened K^T; an I8 mirror is
     // quantized from K's cells once they hold this ubatch's keys
     if (kt->type == GGML_TYPE_I8) {
-        ggml_build_forward_expand(gf, ggml_map_custom3_inplace(ctx0, kt, cache_internals::k(kv, ikv), inp->kt_idxs,
+        ggml_build_forward_expand(gf, ggml_map_custom3_inplace(ctx0, kt, cache_internals::k(kv, ikv), idxs,
                                                                write_mirror_i8, GGML_N_TASKS_MAX, nullptr));
     } else {
         ggml_tensor * kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx0, k_cur);
         kc = ggml_reshape_2d(ctx0, kc, 1, ggml_nelements(kc));
         ggml_tensor * dst = ggml_reshape_2d(ctx0, kt, 1, ggml_nelements(kt));
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, dst, kc, inp->kt_idxs));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, dst, kc, idxs));
     }
 
     if (!inp->use_op || kq_b != nullptr) {

@@ -98,7 +98,6 @@ void llama_sparq_kv::free_mirror() {
     vsum_off.clear();
     ctxs_bufs.clear();
     n_eligible = 0;
-    n_embd_kt  = 0;
     vsum_size  = 0;
 }
 
@@ -134,7 +133,6 @@ bool llama_sparq_kv::allocate(const llama_kv_cache & kv, const std::vector<ggml_
         kt[ikv] = t;
         vsum_off[ikv] = vsum_size;
         vsum_size += cache_internals::v(kv, ikv)->ne[0];
-        n_embd_kt = k->ne[0];
         n_eligible++;
     }
     for (auto & [buft, ctx] : ctxs) {

@@ -115,7 +115,6 @@ struct llama_sparq_kv {
     std::vector<bool> ops;           // the layer runs the portable graph (else the fused op)
     int32_t n_eligible = 0;
     int32_t n_ops      = 0;          // layers with ops[ikv]
-    int64_t n_embd_kt  = 0;          // n_embd_k_gqa, the same for every SparQ layer
     size_t  vsum_size  = 0;
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
 

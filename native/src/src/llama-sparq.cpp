@@ -430,16 +430,12 @@ static sparq_layers sparq_plan_layers(const llama_kv_cache & kv, const llama_spa
     out.eligible.assign(n_layers, false);
     out.ops.assign(n_layers, false);
     out.kt_types.assign(n_layers, GGML_TYPE_COUNT);
-    int64_t n_embd_kt = -1;
     for (size_t ikv = 0; ikv < n_layers; ++ikv) {
         const int32_t il = (int32_t) cache_internals::il(kv, ikv);
         if (il < p.layer_start || il >= layer_end) {
             continue;
         }
         const char * why = sparq_layer_unsupported(kv, ikv);
-        if (why == nullptr && n_embd_kt != -1 && cache_internals::k(kv, ikv)->ne[0] != n_embd_kt) {
-            why = "K width differs from the first SparQ layer";
-        }
         bool ops = false;
         if (why == nullptr && p.path != LLAMA_SPARQ_PATH_OPS) {
             ops = !layer_has_fused_op(kv, ikv, llama_sparq_mirror_type(cache_internals::k(kv, ikv)->type, false));
@@ -454,7 +450,6 @@ static sparq_layers sparq_plan_layers(const llama_kv_cache & kv, const llama_spa
             out.refused.emplace_back(il, why);
             continue;
         }
-        n_embd_kt = cache_internals::k(kv, ikv)->ne[0];
         out.eligible[ikv] = true;
         out.ops[ikv] = ops;
         // the mirror's type: INT8 where the fused op reads it (and the backend's kernel takes it)
@@ -465,7 +460,7 @@ static sparq_layers sparq_plan_layers(const llama_kv_cache & kv, const llama_spa
         if (p.k == 0) {  // room for rows after step 2, per mirror
             const ggml_tensor * k = cache_internals::k(kv, ikv), * v = cache_internals::v(kv, ikv);
             const int64_t d = hp.n_embd_head_k(il);
-            const llama_sparq_bytes b = llama_sparq_layer_bytes(out.kt_types[ikv], k->type, v->type, d, d);
+            const llama_sparq_bytes b = llama_sparq_layer_bytes(out.kt_types[ikv], k->type, v->type, d, hp.n_embd_head_v(il));
             if (p.compression - step2_share(llama_sparq_resolve(p, d, 1, &b).r, d, &b) <= 0.0) {
                 out.compression_too_small = true;
             }
