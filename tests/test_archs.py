@@ -63,3 +63,14 @@ def test_the_table_has_every_architecture_of_llama_cpp():
     text = DOC.read_text()
     missing = [n for n in names if f"| {n} |" not in text]
     assert not missing, missing
+
+
+def test_a_layer_refused_beside_taken_ones_is_named_in_one_warning(results):
+    # OpenELM with 65 query heads on the KV head of layer 1 (more than the op's group limit):
+    # SparQ on layer 0, layer 1 dense, named with its reason once at the setting, none per token
+    _, res = results
+    r = res["openelm-g65-dense.gguf"]
+    assert r["status"] == "OK" and r["layers_sparq"] == 1 and r["layers_cache"] == 2, r
+    assert len(r["warnings"]) == 1 and "SparQ on 1 of 2 attention layers; dense: layer 1: more than 64 query heads" \
+        in r["warnings"][0], r["warnings"]
+    assert r["checks"]["exact"]["ok"], r["checks"]  # layer 0's SparQ beside layer 1's dense equals dense

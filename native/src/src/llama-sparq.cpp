@@ -201,7 +201,7 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
     }
     const uint32_t n_head = hp.n_head(il), n_head_kv = hp.n_head_kv(il);
     if (n_head_kv == 0 || n_head % n_head_kv != 0 || n_head/n_head_kv > GGML_SPARQ_MAX_GROUP) {
-        return "head grouping";
+        return "more than 64 query heads per KV head (GGML_SPARQ_MAX_GROUP)";
     }
     if (hp.n_embd_head_k(il) > GGML_SPARQ_MAX_HEAD_SIZE || hp.n_embd_head_v(il) > GGML_SPARQ_MAX_HEAD_SIZE) {
         return "head size above 512 (GGML_SPARQ_MAX_HEAD_SIZE)";
