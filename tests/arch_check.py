@@ -55,6 +55,8 @@ MODELS_DIR = ROOT / "build" / "archs"
 # read shows in the logits (at upstream's default 0.1 attention is nearly uniform)
 GEN_ARGS = ("-s", "42", "-d", "0.3")
 ARCH_SOURCE = ROOT / "build" / "native" / "upstream" / "llama.cpp" / "src" / "llama-arch.cpp"
+SAVER_SOURCE = ARCH_SOURCE.parent / "llama-model-saver.cpp"
+GENERATOR_SOURCE = ARCH_SOURCE.parent.parent / "tests" / "test-llama-archs.cpp"
 
 N_PROMPT = 600      # tokens before the decoded ones (longer than the default min_ctx of 512)
 N_GEN = 4           # decoded tokens compared per check
@@ -159,12 +161,37 @@ def _weighty_sinks(path: Path) -> None:
     reader.data.flush()
 
 
-def all_arch_names() -> list:
-    """Every architecture name of the pinned llama.cpp (LLM_ARCH_NAMES in src/llama-arch.cpp)."""
+def _arch_enum_names() -> dict:
+    """LLM_ARCH_* -> name, for every architecture of the pinned llama.cpp (LLM_ARCH_NAMES in src/llama-arch.cpp)"""
     text = ARCH_SOURCE.read_text()
     block = text[text.index("LLM_ARCH_NAMES"):]
     block = block[:block.index("};")]
-    return [n for n in re.findall(r'\{\s*LLM_ARCH_\w+,\s*"([^"]+)"\s*\}', block) if n != "(unknown)"]
+    return {e: n for e, n in re.findall(r'\{\s*(LLM_ARCH_\w+),\s*"([^"]+)"\s*\}', block) if n != "(unknown)"}
+
+
+def all_arch_names() -> list:
+    """Every architecture name of the pinned llama.cpp."""
+    return list(_arch_enum_names().values())
+
+
+def not_built_reasons() -> dict:
+    """name -> why llama.cpp's generator builds no model of it, in upstream's words: the comments of
+    its arch_supported() (tests/test-llama-archs.cpp; not the backend-specific #ifdef ones) and the
+    architectures its model saver cannot write (src/llama-model-saver.cpp)"""
+    names = _arch_enum_names()
+    gen = GENERATOR_SOURCE.read_text()
+    body = gen[gen.index("static bool arch_supported"):]
+    body = re.sub(r"#ifdef.*?#endif", "", body[:body.index("\n}\n")], flags=re.S)
+    out = {}
+    for cond, why in re.findall(r"if \(([^{]*?)\)\s*\{\s*return false;[ \t]*(?://\s*([^\n]*))?", body):
+        for e in re.findall(r"LLM_ARCH_\w+", cond):
+            if e in names:
+                out[names[e]] = f"upstream: {why.strip()}" if why.strip() else "upstream gives no reason"
+    saver = SAVER_SOURCE.read_text()
+    block = saver[saver.index("bool llama_model_saver_supports_arch"):]
+    for e in re.findall(r"LLM_ARCH_\w+", block[:block.index("return false")]):
+        out.setdefault(names[e], "llama.cpp's model saver cannot write it")
+    return out
 
 
 # -- one model ------------------------------------------------------------------------------------
@@ -473,10 +500,12 @@ def table(results: dict) -> str:
         "| architecture | model | SparQ layers | dense layers and why |",
         "|---|---|---:|---|",
     ]
+    not_built = not_built_reasons()
     for name in all_arch_names():
         rows = by_arch.get(name)
         if not rows:
-            lines.append(f"| {name} | - | - | not built by llama.cpp's test generator |")
+            why = not_built.get(name, "skipped by its model loop")
+            lines.append(f"| {name} | - | - | not built by llama.cpp's test generator ({why}) |")
             continue
         for r in sorted(rows, key=lambda r: r["file"]):
             variant = r["file"].rsplit("-", 1)[1].removesuffix(".gguf")
