@@ -42,12 +42,13 @@ cases=()
 for t in f16 q8_0 f32; do
     for kv in 2048 8192; do
         for nb in 1 4; do
-            cases+=("SPARQ_ATTN_OPS|^hs=64,nh=3,G=3,kv=$kv,nb=$nb,.*type_KV=$t\$")
-            cases+=("SPARQ_ATTN_OPS|^hs=256,nh=1,G=4,kv=$kv,nb=$nb,.*type_KV=$t\$")
+            cases+=("SPARQ_ATTN_OPS|^hs=64,nh=3,G=3,kv=$kv,nb=$nb,.*type_KV=$t,sinks=0\$")
+            cases+=("SPARQ_ATTN_OPS|^hs=256,nh=1,G=4,kv=$kv,nb=$nb,.*type_KV=$t,sinks=0\$")
         done
     done
 done
-cases+=("SPARQ_ATTN_OPS|flags=0,type_KV=f16\$" "SPARQ_ATTN_OPS|flags=3," "SPARQ_ATTN_OPS|kv=1024,")
+cases+=("SPARQ_ATTN_OPS|flags=0,type_KV=f16,sinks=0\$" "SPARQ_ATTN_OPS|flags=3," "SPARQ_ATTN_OPS|kv=1024,")
+cases+=("SPARQ_ATTN_OPS|flags=0,type_KV=f16,sinks=1\$" "SPARQ_ATTN_OPS|flags=1,type_KV=f16,sinks=1\$")  # learned attention sinks
 for kv in 2048 8192; do
     k=$((kv / 16))
     cases+=("TOP_K|^type=f32,ne=\\[$kv,4,3,1\\],k=$k," "TOP_K|^type=f32,ne=\\[$kv,4,1,1\\],k=$k,")
@@ -64,7 +65,7 @@ for c in "${cases[@]}"; do
     op=${c%%|*}
     params=${c#*|}
     out=$("$DIR/bin/test-backend-ops" -b Vulkan0 -o "$op" -p "$params" 2>&1 || true)
-    line=$(grep -E "^  $op\(" <<<"$out" | head -1 | sed 's/\x1b\[[0-9;]*m//g')
+    line=$(grep -E "^  $op\(" <<<"$out" | head -1 | sed 's/\x1b\[[0-9;]*m//g' || true)
     if grep -q "1/1 tests passed" <<<"$out"; then
         echo "ok    ${line:-$op $params}"
     else

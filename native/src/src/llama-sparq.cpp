@@ -236,8 +236,8 @@ static bool layer_has_fused_op(const llama_kv_cache & kv, size_t ikv, ggml_type 
     ggml_tensor * q  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, d, 1, hp.n_head(il), 1);
     ggml_tensor * kk = ggml_new_tensor_4d(ctx.get(), k->type, d, n, hp.n_head_kv(il), 1);
     ggml_tensor * kt = ggml_new_tensor_4d(ctx.get(), kt_type, n, d + (kt_type == GGML_TYPE_I8), hp.n_head_kv(il), 1);
-    ggml_tensor * vv = ggml_new_tensor_4d(ctx.get(), v->type, d, n, hp.n_head_kv(il), 1);
-    ggml_tensor * vm = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, d, hp.n_head_kv(il), 1, 1);
+    ggml_tensor * vv = ggml_new_tensor_4d(ctx.get(), v->type, hp.n_embd_head_v(il), n, hp.n_head_kv(il), 1);
+    ggml_tensor * vm = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, hp.n_embd_head_v(il), hp.n_head_kv(il), 1, 1);
     ggml_tensor * m  = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F16, n, 1, 1, 1);
     ggml_tensor * op = ggml_sparq_attn(ctx.get(), q, kk, kt, vv, vm, m, 1.0f, 8, 32, 8, GGML_SPARQ_REALLOC);
     return ggml_backend_dev_supports_op(layer_device(kv, ikv), op);
@@ -501,7 +501,6 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     }
 
     // which layers can take SparQ, and whether the compression leaves room for rows
-    const auto & hp = cache_internals::hparams(*kv);
     const size_t n_layers = cache_internals::n_layers(*kv);
     const sparq_layers lay = sparq_plan_layers(*kv, *params);
     // V stored transposed (flash attention off) is the caller's to change, where a layer could
