@@ -200,7 +200,10 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
         return "ALiBi position biases (added to the scores; SparQ's approximate scores do not carry them)";
     }
     const uint32_t n_head = hp.n_head(il), n_head_kv = hp.n_head_kv(il);
-    if (n_head_kv == 0 || n_head % n_head_kv != 0 || n_head/n_head_kv > GGML_SPARQ_MAX_GROUP) {
+    if (n_head_kv == 0 || n_head % n_head_kv != 0) {
+        return "query heads not a whole multiple of the KV heads";
+    }
+    if (n_head/n_head_kv > GGML_SPARQ_MAX_GROUP) {
         return "more than 64 query heads per KV head (GGML_SPARQ_MAX_GROUP)";
     }
     if (hp.n_embd_head_k(il) > GGML_SPARQ_MAX_HEAD_SIZE || hp.n_embd_head_v(il) > GGML_SPARQ_MAX_HEAD_SIZE) {

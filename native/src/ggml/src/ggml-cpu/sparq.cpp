@@ -191,7 +191,7 @@ struct sparq_run {
             const double zs = sinks && sink(it, hh) > -INFINITY ? std::exp((double) sink(it, hh) - M[hh]) : 0.0;
             z += zs;
             zinv[hh] = z > 0 ? (float) (1.0 / z) : 0.0f;
-            if (sink_hat) sink_hat[hh] = (float) (zs / z);
+            if (sink_hat) sink_hat[hh] = z > 0 ? (float) (zs / z) : 0.0f;
         }
     }
 
