@@ -62,7 +62,8 @@ N_PROMPT = 600      # tokens before the decoded ones (longer than the default mi
 N_GEN = 4           # decoded tokens compared per check
 N_CTX = 1024
 BOUND_FACTOR = 1.5  # the rounding bound: this times dense's flash attention on/off difference
-# models made here from the generator's, with other head sizes: name -> (from, K head size, V head size)
+# models made here from the generator's, with other heads: name -> (from, K head size, V head size
+# [, KV heads per layer [, query heads per layer]]) (_heads_resized)
 RESIZED = {
     "mimo2-dv64-moe.gguf": ("mimo2-moe.gguf", 128, 64),       # V heads smaller than K's (MiMo-V2-Flash: 192, 128)
     "llama-d512-dense.gguf": ("llama-dense.gguf", 512, 512),  # the largest heads the op takes (Gemma 4's global layers)
@@ -132,10 +133,9 @@ def _heads_resized(src: Path, dst: Path, dk: int, dv: int, kv_heads: list = None
         # rows of each projection's output (the weights' ne[1], the biases' ne[0])
         kvh, qh = (kv_heads[int(parts[1])], heads[int(parts[1])]) if kind else (0, 0)
         out_rows = {"attn_q": dk * qh, "attn_k": dk * kvh, "attn_v": dv * kvh, "attn_qkv": dk * (qh + 2 * kvh)}
-        if kind in out_rows and part == "weight":
-            data = (rng.standard_normal((out_rows[kind], data.shape[1])) * data.std()).astype(np.float32)
-        elif kind in out_rows and part == "bias":
-            data = (rng.standard_normal(out_rows[kind]) * data.std()).astype(np.float32)
+        if kind in out_rows and part in ("weight", "bias"):
+            shape = (out_rows[kind], data.shape[1]) if part == "weight" else (out_rows[kind],)
+            data = (rng.standard_normal(shape) * data.std()).astype(np.float32)
         elif t.name == "rope_freqs.weight":  # a factor per rotated pair
             data = np.resize(data, dk // 2).astype(np.float32)
         elif kind == "attn_output" and part == "weight":

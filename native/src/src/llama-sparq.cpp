@@ -128,9 +128,13 @@ static llama_kv_cache * sparq_cache(const llama_context * ctx, int32_t * n_layer
         *n_layers = (int32_t) cache_internals::n_layers(*kv);
         return kv;
     }
-    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+    // an iswa cache: its full-attention part (sliding-window layers stay dense), both parts counted
+    auto base_of = [n_layers](llama_kv_cache_iswa * iswa) {
         *n_layers = (int32_t) (cache_internals::n_layers(*iswa->get_base()) + cache_internals::n_layers(*iswa->get_swa()));
-        return iswa->get_base(); // sliding-window layers stay dense
+        return iswa->get_base();
+    };
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return base_of(iswa);
     }
     // hybrid memory: the attention layers' cache (the recurrent layers have none); not where the
     // model keeps its own sparse-attention index beside it
@@ -142,9 +146,7 @@ static llama_kv_cache * sparq_cache(const llama_context * ctx, int32_t * n_layer
         return hyb->get_mem_attn();
     }
     if (auto * hyb = dynamic_cast<llama_memory_hybrid_iswa *>(mem)) {
-        llama_kv_cache_iswa * iswa = hyb->get_mem_attn();
-        *n_layers = (int32_t) (cache_internals::n_layers(*iswa->get_base()) + cache_internals::n_layers(*iswa->get_swa()));
-        return iswa->get_base();
+        return base_of(hyb->get_mem_attn());
     }
     return nullptr;
 }
