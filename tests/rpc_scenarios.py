@@ -7,6 +7,8 @@ server for its memory), so the test process itself never registers one.
 
 import json
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -36,30 +38,100 @@ def _decode(**kw):
         llm.close()
 
 
+# ggml-rpc's request framing (ggml-rpc.cpp): | command (1 byte) | size (8 bytes, little-endian) | data |
+RPC_CMD_GRAPH_COMPUTE, RPC_CMD_GRAPH_RECOMPUTE = 10, 16
+
+
+class _KillOnCompute:
+    """A TCP relay in front of an RPC server. Once armed, it SIGKILLs the server as soon as the next
+    graph-compute request has passed through it, then stops listening and drops every connection,
+    as a crashed machine would: the fault lands inside the batch, after its graph was sent and before
+    its result came back, wherever the machine's speed puts the compute."""
+
+    def __init__(self, srv):
+        self.srv, self.armed, self.killed = srv, threading.Event(), threading.Event()
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.lsock.accept()
+            except OSError:
+                return
+            server = socket.create_connection((self.srv.host, self.srv.port))
+            self.conns += [client, server]
+            threading.Thread(target=self._requests, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+
+    @staticmethod
+    def _read(sock, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise OSError("closed")
+            buf += chunk
+        return bytes(buf)
+
+    @staticmethod
+    def _end(*socks):
+        """One side closed: close both (the server serves one connection at a time)."""
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _pipe(self, src, dst):
+        try:
+            while chunk := src.recv(1 << 20):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        self._end(src, dst)
+
+    def _requests(self, client, server):
+        try:
+            while True:
+                head = self._read(client, 9)
+                cmd, size = head[0], struct.unpack("<Q", head[1:])[0]
+                server.sendall(head)
+                left = size
+                while left:
+                    chunk = self._read(client, min(left, 1 << 20))
+                    server.sendall(chunk)
+                    left -= len(chunk)
+                if cmd in (RPC_CMD_GRAPH_COMPUTE, RPC_CMD_GRAPH_RECOMPUTE) and self.armed.is_set():
+                    self.killed.set()  # before the client can see the fault
+                    self.srv.proc.kill()
+                    self.srv.proc.wait()
+                    self.close()
+                    return
+        except OSError:
+            self._end(client, server)
+
+    def close(self):
+        self._end(self.lsock, *self.conns)
+        for s in [self.lsock] + self.conns:
+            s.close()
+
+
 def _lost():
-    """The server is killed (SIGKILL) while a 512-token batch computes on it, then once more
-    between two decodes of a second model: each eval raises, nothing hangs, close() returns."""
+    """The server is killed (SIGKILL) while a 512-token batch computes on it (the moment its graph
+    has been sent), then the model is used once more: each eval raises, nothing hangs, close() returns."""
     from sparq_cpp.rpc import RpcServerLost
 
     out = {}
     srv = RpcServer(threads=1)
+    relay = _KillOnCompute(srv)
     llm = Llama("smollm2-135m", n_ctx=1024, n_batch=512, n_threads=1, verbose=False,
-                rpc_servers=srv.endpoint, n_gpu_layers=-1, **SPARQ)
+                rpc_servers=relay.endpoint, n_gpu_layers=-1, **SPARQ)
     toks = _tokens(llm, models.essays_text(8), 600)
-    times = []
-    for _ in range(2):  # one 512-token batch on a 1-thread server, twice: the faster counts
-        llm.reset()
-        llm.eval(toks[:64])  # the server answers
-        t0 = time.perf_counter()
-        llm.eval(toks[64:576])
-        times.append(time.perf_counter() - t0)
-    out["batch_s"] = min(times)
-    llm.reset()
-    llm.eval(toks[:64])
-    # a fifth into the next one: early enough that the batch is still running on a loaded
-    # machine whose speed moves between batches (a third missed it once, under two other jobs)
-    killer = threading.Timer(out["batch_s"] / 5, srv.proc.kill)
-    killer.start()
+    llm.eval(toks[:64])  # the server answers
+    relay.armed.set()
     t0 = time.perf_counter()
     try:
         llm.eval(toks[64:576])
@@ -67,8 +139,7 @@ def _lost():
     except RpcServerLost as e:
         out["mid_batch"] = {"raised": type(e).__name__, "message": str(e), "after_s": time.perf_counter() - t0,
                             "is_runtime_error": isinstance(e, RuntimeError)}
-    killer.join()
-    srv.proc.wait()
+    out["killed_in_compute"] = relay.killed.is_set()
     try:  # the model is unusable from here: every decode fails at once
         t0 = time.perf_counter()
         llm.eval(toks[576:577])
@@ -78,6 +149,7 @@ def _lost():
     t0 = time.perf_counter()
     llm.close()
     out["close_s"] = time.perf_counter() - t0
+    relay.close()
     srv.stop()
     return out
 

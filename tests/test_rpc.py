@@ -45,17 +45,18 @@ def test_rpc_unreachable_server_raises_before_loading():
 
 
 def test_rpc_server_lost_mid_decode_raises():
-    # the server is killed a fifth of the way into a 512-token batch that runs on it: that eval
-    # raises RpcServerLost (a ConnectionError and a RuntimeError), so does the next one, at once,
-    # and the model closes; upstream's ggml-rpc aborts the process here. Measured: the batch takes
-    # 3.3 s on the 1-thread server, the error comes 1.1 s after the batch began, the next eval
-    # fails in 0.02 s
+    # a relay in front of the server kills it the moment a 512-token batch's graph has been sent to
+    # it (a fault at the same point of every run, whatever the machine's speed): that eval raises
+    # RpcServerLost (a ConnectionError and a RuntimeError), so does the next one, at once, and the
+    # model closes; upstream's ggml-rpc aborts the process here. The batch takes 3.3 s on the
+    # 1-thread server, so an error within a few seconds did not wait for the dead server
     out = _scenario("lost")
     print(out)
+    assert out["killed_in_compute"], out
     mid = out["mid_batch"]
     assert mid["raised"] == "RpcServerLost" and mid["is_runtime_error"], out
     assert "stopped answering" in mid["message"] and "reload the model" in mid["message"]
-    assert mid["after_s"] < out["batch_s"] + 30, out  # the error ends the batch; nothing waits on the dead server
+    assert mid["after_s"] < 10, out
     assert out["next_eval"]["raised"] == "RpcServerLost" and out["next_eval"]["after_s"] < 10, out
     assert out["close_s"] < 10, out
 
