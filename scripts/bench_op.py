@@ -3,7 +3,9 @@
 
 Runs build/native/bin/bench-sparq-op (built by `make build`), which times, on the same F16 K/V
 data and one query token: the SparQ op, ggml_flash_attn_ext, and mul_mat + soft_max + mul_mat
-over a transposed V (llama.cpp's path with flash attention off). Prints a table of medians and
+over a transposed V (llama.cpp's path with flash attention off). SparQ runs as libllama plans
+a layer of each shape (r, k, l and the K^T mirror: int8 by default, as decoding reads it;
+--mirror float for the f16 one). Prints a table of medians and
 ratios against the faster dense path, the bytes each reads and the achieved read bandwidth, and
 writes JSON (and a PNG plot when matplotlib is installed).
 
@@ -69,13 +71,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median)")
     ap.add_argument("--cold", action="store_true", help="evict the caches before every timed run")
+    ap.add_argument("--mirror", choices=("auto", "float"), default="auto",
+                    help="the K^T mirror step 2 reads: auto (int8, libllama's default) or float (f16)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_op"), help="output prefix (.json, .png)")
     args = ap.parse_args(argv)
 
     if not BIN.exists():
         sys.exit(f"{BIN} is missing: run `make build` first")
     cmd = [str(BIN), "--threads", str(args.threads), "--reps", str(args.reps), "--ctx", args.ctx,
-           "--dims", args.dims, "--compression", args.compression] + (["--cold"] if args.cold else [])
+           "--dims", args.dims, "--compression", args.compression, "--mirror", args.mirror] + (["--cold"] if args.cold else [])
     n_expected = len(args.ctx.split(",")) * len(args.dims.split(",")) * len(args.compression.split(","))
 
     try:
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
     print(f"\nSparQ attention op vs dense, one token, F16 K/V, {args.threads} threads, "
           f"{'caches evicted before each run' if args.cold else 'warm caches'}; "
           f"machine read bandwidth {bw:.1f} GB/s ({args.threads} threads)\n")
-    hdr = ("| d | group | kv heads | S | budget | r | k | SparQ ms | flash_attn ms | mul_mat ms | "
+    hdr = ("| d | group | kv heads | S | budget | r | k | mirror | SparQ ms | flash_attn ms | mul_mat ms | "
            "speed-up vs faster dense | reads SparQ / dense | SparQ GB/s | dense GB/s |")
     print(hdr)
     print("|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|")
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
         r["gbs_sparq"] = r["bytes_sparq"] / (r["ms_sparq"] * 1e-3) / 1e9
         r["gbs_dense"] = r["bytes_dense"] / (dense_ms * 1e-3) / 1e9
         print(f"| {r['head_dim']} | {r['group']} | {r['n_head_kv']} | {r['ctx']} | {r['compression']} | {r['r']} | "
-              f"{r['k']} | {r['ms_sparq']:.3f} | {r['ms_flash_attn']:.3f} | {r['ms_mul_mat']:.3f} | "
+              f"{r['k']} | {r['mirror']} | {r['ms_sparq']:.3f} | {r['ms_flash_attn']:.3f} | {r['ms_mul_mat']:.3f} | "
               f"**{r['speedup']:.2f}x** | {r['bytes_sparq'] / r['bytes_dense']:.3f} | {r['gbs_sparq']:.1f} | "
               f"{r['gbs_dense']:.1f} |")
 

@@ -101,6 +101,10 @@ struct llama_sparq_layer_plan {
 };
 
 struct llama_sparq_params llama_sparq_default_params(void);
+int32_t llama_sparq_params_check(const struct llama_sparq_params * params);
+int32_t llama_sparq_plan_layer(const struct llama_sparq_params * params, int32_t n_head, int32_t n_head_kv, int32_t d,
+                               int32_t dv, int type_k, int type_v, bool fused, int32_t n_pos,
+                               struct llama_sparq_layer_plan * out);
 int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_params * params);
 int32_t llama_sparq_prepare_cache(struct llama_context * ctx);
 int32_t llama_sparq_get(const struct llama_context * ctx, struct llama_sparq_params * params);
@@ -143,6 +147,7 @@ class SparqStatus(enum.IntEnum):
     ERR_ALLOC = -11
     ERR_PATH = -12
     ERR_MIRROR = -13
+    ERR_SHAPE = -14  # llama_sparq_plan_layer: a head count, head size, cache type or n_pos out of range
 
 
 def _bind():

@@ -84,7 +84,7 @@ class SparqParams:
             raise ValueError(f"{p}k must be an integer in 1..2**31-1, got {self.k!r}")
         if self.compression is not None:
             c = self.compression
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or not 0 < c <= 1:
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or float(ffi.cast("float", c)) == 0:
                 raise ValueError(f"{p}compression must be a number in (0, 1], got {c!r}")
         if self.k is not None and self.compression is not None:
             raise ValueError(f"give {p}k or {p}compression, not both")
@@ -92,11 +92,8 @@ class SparqParams:
             raise ValueError(f"SparQ needs {p}k or {p}compression")
         if self.r is not None and (not _is_int(self.r) or self.r < 1):
             raise ValueError(f"{p}r must be an integer >= 1 (at most the head size), got {self.r!r}")
-        if self.l is not None:
-            if not _is_int(self.l) or self.l < 0:
-                raise ValueError(f"{p}l must be an integer >= 0, got {self.l!r}")
-            if self.k is not None and self.l > self.k:
-                raise ValueError(f"{p}l must be <= {p}k ({self.k}), got {self.l}")
+        if self.l is not None and (not _is_int(self.l) or self.l < 0):
+            raise ValueError(f"{p}l must be an integer >= 0, got {self.l!r}")
         if self.realloc is not None and not isinstance(self.realloc, bool):
             raise ValueError(f"{p}realloc must be True, False or None, got {self.realloc!r}")
         if self.min_ctx is not None and (not _is_int(self.min_ctx) or self.min_ctx < 0):
@@ -109,8 +106,7 @@ class SparqParams:
                 lohi = tuple(lay)
             else:
                 lohi = None
-            if (lohi is None or not _is_int(lohi[0]) or lohi[0] < 0
-                    or not (lohi[1] is None or (_is_int(lohi[1]) and lohi[1] > lohi[0]))):
+            if lohi is None or not _is_int(lohi[0]) or not (lohi[1] is None or (_is_int(lohi[1]) and lohi[1] >= 0)):
                 raise ValueError(f"{p}layers must be (start, end) with 0 <= start < end (end None: to the last "
                                  f"layer), got {lay!r}")
             object.__setattr__(self, "layers", lohi)
@@ -120,6 +116,9 @@ class SparqParams:
             raise ValueError(f"{p}path must be one of {', '.join(SPARQ_PATHS)}, got {self.path!r}")
         if self.mirror is not None and self.mirror not in SPARQ_MIRRORS:
             raise ValueError(f"{p}mirror must be one of {', '.join(SPARQ_MIRRORS)}, got {self.mirror!r}")
+        # Above: what Python's types and None add (0 and -1 are the C API's "default"). The rules of
+        # the values (ranges, l <= k, the layer range) are the library's one check, as for the CLIs.
+        raise_for_status(lib.llama_sparq_params_check(self.to_c()))
 
     @classmethod
     def from_kwargs(cls, prefix: str = "", **kwargs) -> Optional["SparqParams"]:
@@ -175,6 +174,15 @@ _STATUS_ARG = {SparqStatus.ERR_K: "sparq_k", SparqStatus.ERR_COMPRESSION: "sparq
                SparqStatus.ERR_MIRROR: "sparq_mirror"}
 
 
+def raise_for_status(rc: int) -> None:
+    """SparqError naming the argument a negative llama_sparq_status is about, with the library's words."""
+    if rc < 0:
+        rc = SparqStatus(rc)
+        msg = ffi.string(lib.llama_sparq_strerror(rc)).decode()
+        arg = _STATUS_ARG.get(rc)
+        raise SparqError(rc, f"{arg}: {msg}" if arg else msg)
+
+
 def _ctx(ctx_ptr):
     return ffi.cast("struct llama_context *", ctx_ptr)
 
@@ -195,10 +203,7 @@ def apply(ctx_ptr, params: Optional[SparqParams], what: str = "this model") -> S
     can use it, or the context is shorter than min_ctx); SparqError (a ValueError) on refusal.
     OK with some layers of the cache left dense: one RuntimeWarning naming them and why."""
     rc = SparqStatus(lib.llama_sparq_set(_ctx(ctx_ptr), ffi.NULL if params is None else params.to_c()))
-    if rc < 0:
-        msg = ffi.string(lib.llama_sparq_strerror(rc)).decode()
-        arg = _STATUS_ARG.get(rc)
-        raise SparqError(rc, f"{arg}: {msg}" if arg else msg)
+    raise_for_status(rc)
     if rc == SparqStatus.DENSE:
         warnings.warn(f"SparQ is not used with {what}: {dense_reason()}; decoding stays dense",
                       RuntimeWarning, stacklevel=5)  # the caller of Llama(...) or Llama.set_sparq
@@ -269,9 +274,34 @@ def plan(ctx_ptr, params: SparqParams, n_pos: int) -> list:
         raise SparqError(SparqStatus(n), f"SparQ settings refused: {ffi.string(lib.llama_sparq_strerror(n)).decode()}")
     out = ffi.new("struct llama_sparq_layer_plan[]", max(n, 1))
     lib.llama_sparq_plan(_ctx(ctx_ptr), params.to_c(), n_pos, out, n)
-    return [{"layer": o.il, "path": ("dense", "fused", "ops")[o.path], "r": o.r, "k": o.k, "l": o.l,
-             "mirror": _MIRROR_TYPES.get(o.type_kt) if o.type_kt >= 0 else None,
-             "bytes": o.bytes, "bytes_dense": o.bytes_dense} for o in out[0:n]]
+    return [_plan_row(o) for o in out[0:n]]
+
+
+def _plan_row(o) -> dict:
+    return {"layer": o.il, "path": ("dense", "fused", "ops")[o.path], "r": o.r, "k": o.k, "l": o.l,
+            "mirror": _MIRROR_TYPES.get(o.type_kt) if o.type_kt >= 0 else None,
+            "bytes": o.bytes, "bytes_dense": o.bytes_dense}
+
+
+_CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # GGML_TYPE_*
+
+
+def plan_shape(params: SparqParams, n_pos: int, n_head: int, n_head_kv: int, d: int, dv: Optional[int] = None,
+               type_k: str = "f16", type_v: str = "f16", fused: bool = True) -> dict:
+    """The library's plan (llama_sparq_plan_layer) for one attention layer of a shape, without a model:
+    n_head query and n_head_kv KV heads of size d (dv for V, default d), an f16/f32/q8_0 cache, the
+    fused op on the CPU or the portable graph (fused=False), n_pos positions. A row as plan() gives
+    (layer 0); SparqError for a shape or settings the library refuses."""
+    if type_k not in _CACHE_TYPES or type_v not in _CACHE_TYPES:
+        raise ValueError(f"cache types must be one of {', '.join(_CACHE_TYPES)}, got {type_k!r}, {type_v!r}")
+    ints = dict(n_pos=n_pos, n_head=n_head, n_head_kv=n_head_kv, d=d, dv=d if dv is None else dv)
+    bad = [k for k, v in ints.items() if not _is_int(v)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be integers")
+    out = ffi.new("struct llama_sparq_layer_plan *")
+    raise_for_status(lib.llama_sparq_plan_layer(params.to_c(), n_head, n_head_kv, d, ints["dv"], _CACHE_TYPES[type_k],
+                                                _CACHE_TYPES[type_v], bool(fused), n_pos, out))
+    return _plan_row(out[0])
 
 
 def reset_stats(ctx_ptr) -> None:

@@ -477,6 +477,9 @@ print("SAME", a == b, "SPARQ_TOKENS", llm.sparq_stats()["n_tokens_sparq"], "SET"
     assert "has no fused SparQ kernel" in r.stderr  # the library's one log line says why
 
 
+SHAPES = {"smollm2-135m": (9, 3, 64), "gemma3-270m": (4, 1, 256)}  # query heads, KV heads, head size
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_plan_is_what_the_decode_reads(name, essay_text):
     # llama_sparq_plan, before any SparQ decode, says per layer what a token at that length reads;
@@ -497,6 +500,12 @@ def test_plan_is_what_the_decode_reads(name, essay_text):
         st = llm.sparq_stats()
         llm.n_tokens = 1200
         took = [p for p in plan if p["path"] != "dense"]
+        # the same plan from the layer's shape alone (llama_sparq_plan_layer: no model)
+        n_head, n_head_kv, d = SHAPES[name]
+        alone = sparq_cpp.sparq.plan_shape(SparqParams(**kw), n_pos, n_head, n_head_kv, d, fused=kw.get("path") != "ops")
+        for p in plan:
+            if p["path"] != "dense" or kw.get("min_ctx") == 2000:
+                assert {**p, "layer": 0} == alone, (kw, p, alone)
         if kw.get("min_ctx") == 2000:
             assert not took and st["n_tokens_sparq"] == 0, kw
         else:

@@ -95,6 +95,7 @@ def test_llama_bench_mirror_column(model):
     (["--sparq-mirror", "int4"], "--sparq-mirror: 'int4' is not auto or float"),
     (["--sparq-k"], "--sparq-k needs a value"),
     (["--sparq-k", "32", "--sparq-r", "9999"], "SparQ settings refused: r must be in 1..head size"),
+    (["--sparq-k", "32", "--sparq-l", "33"], "SparQ setting (k 32, r 0, l 33) refused: l must be in 0..k"),  # before loading
 ])
 def test_llama_bench_bad_values(model, args, message):
     r = _run("llama-bench", ["-m", model, "-p", "0", "-n", "4", "-r", "1"] + args)
@@ -127,7 +128,8 @@ def test_llama_cli_generates_with_sparq(model, essay, how):
     (["--sparq-k", "32", "-fa", "off"], "(SparQ needs flash attention: -fa on or auto)"),
     (["--sparq-r", "8"], "error: --sparq-r/-l/-min-ctx/-realloc/-mirror need a budget"),
     (["--sparq-k", "32", "--sparq-mirror", "int4"], "--sparq-mirror: 'int4' is not auto or float"),
-    (["--sparq-k", "32", "--sparq-compression", "1/8"], "error: give --sparq-k or --sparq-compression, not both"),
+    (["--sparq-k", "32", "--sparq-compression", "1/8"], "error: SparQ settings refused: give k or compression, not both"),
+    (["--sparq-k", "32", "--sparq-l", "33"], "error: SparQ settings refused: l must be in 0..k"),
 ])
 def test_llama_cli_bad_values(model, args, message):
     r = _run("llama-cli", ["-m", model, "-p", "hi", "-n", "4", "-st"] + args)

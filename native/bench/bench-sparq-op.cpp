@@ -1,9 +1,11 @@
 // sparq-cpp: times GGML_OP_SPARQ_ATTN against both dense attention paths of ggml on the CPU, in
 // one run, on the same data: ggml_flash_attn_ext, and mul_mat + soft_max_ext + mul_mat over a
-// transposed V (llama.cpp's path with flash attention off). One query token, F16 K/V.
+// transposed V (llama.cpp's path with flash attention off). One query token, F16 K/V. SparQ runs
+// as libllama plans a layer of that shape (llama_sparq_plan_layer: r, k, l, the K^T mirror's type,
+// mean reallocation by model family) and reads the mirror libllama would keep (int8 by default).
 //
 //   bench-sparq-op [--threads N] [--reps N] [--ctx 1024,4096,...] [--dims 64:3:3,128:4:8]
-//                  [--compression 8,16] [--cold]      (--compression: c of each budget 1/c)
+//                  [--compression 8,16] [--mirror auto|float] [--cold]   (--compression: c of each budget 1/c)
 //
 // --dims takes head_dim:group_size:n_head_kv triples. Prints one JSON object per line (a result
 // per configuration, and first the machine's measured read bandwidth); scripts/bench_op.py turns
@@ -11,6 +13,7 @@
 
 #include "ggml.h"
 #include "ggml-cpu.h"
+#include "llama-sparq.h"
 
 #include <algorithm>
 #include <chrono>
@@ -120,6 +123,7 @@ int main(int argc, char ** argv) {
     std::vector<int> ctxs = {1024, 4096, 8192, 16384, 32768};
     std::vector<int> comps = {8, 16};
     std::vector<Dims> dims = {{64, 3, 3}, {128, 4, 8}};
+    int mirror = LLAMA_SPARQ_MIRROR_AUTO;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         auto next = [&]() { if (i + 1 >= argc) { fprintf(stderr, "missing value for %s\n", a.c_str()); exit(2); } return argv[++i]; };
@@ -128,6 +132,11 @@ int main(int argc, char ** argv) {
         else if (a == "--ctx") ctxs = parse_ints("--ctx", next());
         else if (a == "--compression") comps = parse_ints("--compression", next());  // c of budget 1/c
         else if (a == "--cold") cold = true;
+        else if (a == "--mirror") {
+            const std::string m = next();
+            if (m != "auto" && m != "float") { fprintf(stderr, "--mirror takes auto or float, got '%s'\n", m.c_str()); return 2; }
+            mirror = m == "auto" ? LLAMA_SPARQ_MIRROR_AUTO : LLAMA_SPARQ_MIRROR_FLOAT;
+        }
         else if (a == "--dims") {
             dims.clear();
             std::string s = next();
@@ -152,12 +161,11 @@ int main(int argc, char ** argv) {
         for (int S : ctxs) {
             const int D = dm.D, H = dm.G*dm.Hkv, Hkv = dm.Hkv;
             const size_t kvb = (size_t) S*D*Hkv*2;
-            ggml_init_params ip = { 4*kvb + (size_t) 64*S*H + ((size_t) 256 << 20), nullptr, false };
+            ggml_init_params ip = { 5*kvb + (size_t) 64*S*H + ((size_t) 256 << 20), nullptr, false };
             ggml_context * ctx = ggml_init(ip);
             ggml_tensor * q  = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, D, 1, H, 1);
             ggml_tensor * k  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, D, S, Hkv, 1);
             ggml_tensor * v  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, D, S, Hkv, 1);
-            ggml_tensor * kt = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, D, Hkv, 1);
             ggml_tensor * vt = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, D, Hkv, 1);
             ggml_tensor * vm = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, D, Hkv, 1, 1);
             ggml_tensor * m16 = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, 1, 1, 1);
@@ -167,10 +175,9 @@ int main(int argc, char ** argv) {
                 for (int64_t i = 0; i < ggml_nelements(q); ++i) ((float *) q->data)[i] = nd(gen);
                 for (int64_t i = 0; i < ggml_nelements(vm); ++i) ((float *) vm->data)[i] = nd(gen) * 0.1f;
                 fill_f16(k, gen); fill_f16(v, gen);
-                // K^T and V^T hold the same values as K and V
-                const ggml_fp16_t * kd = (const ggml_fp16_t *) k->data, * vd = (const ggml_fp16_t *) v->data;
+                // V^T holds the same values as V
+                const ggml_fp16_t * vd = (const ggml_fp16_t *) v->data;
                 for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) for (int j = 0; j < D; ++j) {
-                    ((ggml_fp16_t *) kt->data)[((size_t) g*D + j)*S + p] = kd[((size_t) g*S + p)*D + j];
                     ((ggml_fp16_t *) vt->data)[((size_t) g*D + j)*S + p] = vd[((size_t) g*S + p)*D + j];
                 }
                 for (int p = 0; p < S; ++p) { ((ggml_fp16_t *) m16->data)[p] = ggml_fp32_to_fp16(0.0f); ((float *) m32->data)[p] = 0.0f; }
@@ -192,22 +199,54 @@ int main(int argc, char ** argv) {
             const bool only_sparq = getenv("SPARQ_BENCH_ONLY_SPARQ") != nullptr;
             const double t_fa = only_sparq ? 0.0 : run.median_ms(g_fa, reps);
             const double t_mm = only_sparq ? 0.0 : run.median_ms(g_mm, reps);
-            const double dense_bytes = 2.0*kvb + 2.0*S;
+            // mean reallocation as libllama defaults it: on for multi-head, off for grouped-query layers
+            const bool realloc = dm.G == 1;
+            ggml_tensor * kt_of[2] = { nullptr, nullptr };  // the F16 and the I8 K^T, made when first planned
 
             for (int c : comps) {
-                const int r = std::max(1, (int) std::lround((double) D / c));
-                const int kk = std::max(1, (int) std::lround((double) S / (2.0*c)));
-                const int l = kk / 4;
-                ggml_tensor * sq = ggml_sparq_attn(ctx, q, k, kt, v, vm, m16, scale, r, kk, l, GGML_SPARQ_REALLOC);
+                llama_sparq_params sp = llama_sparq_default_params();
+                sp.compression = 1.0f / c;
+                sp.mean_realloc = realloc ? 1 : 0;
+                sp.min_ctx = 0;
+                sp.mirror = mirror;
+                llama_sparq_layer_plan plan;
+                const int32_t st = llama_sparq_plan_layer(&sp, H, Hkv, D, D, GGML_TYPE_F16, GGML_TYPE_F16, true, S, &plan);
+                if (st != LLAMA_SPARQ_OK || plan.path != 1) {
+                    fprintf(stderr, "budget 1/%d at D %d, context %d: %s\n", c, D, S,
+                            st != LLAMA_SPARQ_OK ? llama_sparq_strerror(st) : "SparQ would read every row (dense)");
+                    continue;
+                }
+                const bool i8 = plan.type_kt == GGML_TYPE_I8;
+                ggml_tensor *& kt = kt_of[i8];
+                if (kt == nullptr) {  // K^T: the same values as K, as F16 or as libllama's I8 mirror
+                    const ggml_fp16_t * kd = (const ggml_fp16_t *) k->data;
+                    if (i8) {
+                        kt = ggml_new_tensor_4d(ctx, GGML_TYPE_I8, S, D + 1, Hkv, 1);
+                        std::vector<float> row(D);
+                        for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) {
+                            ggml_fp16_to_fp32_row(kd + ((size_t) g*S + p)*D, row.data(), D);
+                            int8_t * col = (int8_t *) kt->data + (size_t) g*(D + 1)*S + p;
+                            ggml_sparq_quantize_kt(row.data(), D, col, S, col + (size_t) D*S);
+                        }
+                    } else {
+                        kt = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, D, Hkv, 1);
+                        for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) for (int j = 0; j < D; ++j) {
+                            ((ggml_fp16_t *) kt->data)[((size_t) g*D + j)*S + p] = kd[((size_t) g*S + p)*D + j];
+                        }
+                    }
+                }
+                ggml_tensor * sq = ggml_sparq_attn(ctx, q, k, kt, v, realloc ? vm : nullptr, m16, scale, plan.r, plan.k,
+                                                   plan.l, realloc ? GGML_SPARQ_REALLOC : 0);
                 ggml_cgraph * g_sq = ggml_new_graph(ctx);
                 ggml_build_forward_expand(g_sq, sq);
                 const double t_sq = run.median_ms(g_sq, reps);
-                const double sparq_bytes = (double) Hkv*((double) S*r*2 + 2.0*kk*D*2) + 2.0*S;
+                // the mask's row (F16) besides what the plan counts
                 printf("{\"kind\": \"op\", \"head_dim\": %d, \"group\": %d, \"n_head_kv\": %d, \"ctx\": %d, "
-                       "\"compression\": \"1/%d\", \"r\": %d, \"k\": %d, \"l\": %d, "
+                       "\"compression\": \"1/%d\", \"r\": %d, \"k\": %d, \"l\": %d, \"mirror\": \"%s\", \"realloc\": %s, "
                        "\"ms_sparq\": %.4f, \"ms_flash_attn\": %.4f, \"ms_mul_mat\": %.4f, "
                        "\"bytes_sparq\": %.0f, \"bytes_dense\": %.0f}\n",
-                       D, dm.G, Hkv, S, c, r, kk, l, t_sq, t_fa, t_mm, sparq_bytes, dense_bytes);
+                       D, dm.G, Hkv, S, c, plan.r, plan.k, plan.l, ggml_type_name((ggml_type) plan.type_kt),
+                       realloc ? "true" : "false", t_sq, t_fa, t_mm, plan.bytes + 2.0*S, plan.bytes_dense + 2.0*S);
                 fflush(stdout);
             }
             ggml_free(ctx);

@@ -76,12 +76,8 @@ static inline bool common_sparq_apply(llama_context * ctx, const common_sparq_pa
         }
         return true;
     }
-    if (sp.k > 0 && sp.compression > 0.0f) {
-        fprintf(stderr, "error: give --sparq-k or --sparq-compression, not both\n");
-        return false;
-    }
     const llama_sparq_params p = common_sparq_llama_params(sp);
-    const int32_t st = llama_sparq_set(ctx, &p);
+    const int32_t st = llama_sparq_set(ctx, &p);  // the library's rules (llama_sparq_params_check), then the model's
     if (st < 0) {
         fprintf(stderr, "error: SparQ settings refused: %s%s\n", llama_sparq_strerror(st),
                 st == LLAMA_SPARQ_ERR_V_TRANS ? " (SparQ needs flash attention: -fa on or auto)" : "");

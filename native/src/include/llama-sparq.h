@@ -69,6 +69,7 @@ enum llama_sparq_status {
     LLAMA_SPARQ_ERR_ALLOC       = -11, // the K^T mirror could not be allocated
     LLAMA_SPARQ_ERR_PATH        = -12, // path is not a llama_sparq_path value
     LLAMA_SPARQ_ERR_MIRROR      = -13, // mirror is not a llama_sparq_mirror value
+    LLAMA_SPARQ_ERR_SHAPE       = -14, // llama_sparq_plan_layer: a head count, head size, cache type or n_pos out of range
 };
 
 struct llama_sparq_stats {
@@ -103,6 +104,21 @@ struct llama_sparq_layer_plan {
 // LLAMA_SPARQ_ERR_V_TRANS where V is stored transposed, ...); 0 where no cache can take SparQ.
 LLAMA_API int32_t llama_sparq_plan(const struct llama_context * ctx, const struct llama_sparq_params * params,
                                    int32_t n_pos, struct llama_sparq_layer_plan * out, int32_t n_max);
+
+// The plan of one attention layer from its shape alone, without a model or context (benchmarks,
+// sizing a machine): n_head query and n_head_kv KV heads of sizes d (K) and dv (V), a cache of
+// type_k/type_v, the fused op on the CPU (fused) or the portable graph, n_pos positions. The same
+// rules as llama_sparq_plan for a layer that takes SparQ; out->il is 0. Returns LLAMA_SPARQ_OK,
+// LLAMA_SPARQ_ERR_SHAPE for a shape SparQ does not take, or the status llama_sparq_set would give.
+LLAMA_API int32_t llama_sparq_plan_layer(const struct llama_sparq_params * params, int32_t n_head, int32_t n_head_kv,
+                                         int32_t d, int32_t dv, enum ggml_type type_k, enum ggml_type type_v,
+                                         bool fused, int32_t n_pos, struct llama_sparq_layer_plan * out);
+
+// The rules of the settings alone (no model needed): LLAMA_SPARQ_OK or the negative status
+// llama_sparq_set would return for them on any model (NULL: LLAMA_SPARQ_ERR_NULL). The one check
+// behind Python's SparqParams, llama.cpp's --sparq-* flags and llama-bench's grid; llama_sparq_set
+// adds the model's (layer range, r against the head size, room for rows after step 2).
+LLAMA_API int32_t llama_sparq_params_check(const struct llama_sparq_params * params);
 
 LLAMA_API struct llama_sparq_params llama_sparq_default_params(void);
 

@@ -59,6 +59,11 @@ static double step2_share(int32_t r, int64_t d, const llama_sparq_bytes * bytes)
     return bytes != nullptr && bytes->mirror_i8 ? (r*bytes->mirror_elem + bytes->mirror_pos)/bytes->kv_row : r/(2.0*d);
 }
 
+// a compression leaves room for rows after step 2's reads (always with a fixed k)
+static bool compression_fits(const llama_sparq_params & p, int64_t d, const llama_sparq_bytes * bytes) {
+    return p.k > 0 || p.compression - step2_share(llama_sparq_resolve(p, d, 1, bytes).r, d, bytes) > 0.0;
+}
+
 // the sequence length from which SparQ replaces dense attention
 static int32_t sparq_min_ctx(const llama_sparq_params & p) {
     return p.min_ctx == -1 ? LLAMA_SPARQ_DEFAULT_MIN_CTX : p.min_ctx;
@@ -297,15 +302,16 @@ static int32_t sparq_validate(const llama_sparq_params & p, const llama_kv_cache
             // a compression must leave room for rows after step 2 (here with a float mirror; an
             // int8 one, cheaper, is checked by llama_sparq_set once the mirror types are known)
             const bool may_be_i8 = p.mirror == LLAMA_SPARQ_MIRROR_AUTO && cache_internals::k(*kv, ikv)->type != GGML_TYPE_F32;
-            if (p.k == 0 && !may_be_i8) {
-                const int64_t r = llama_sparq_resolve(p, d, 1).r;
-                if (p.compression - step2_share((int32_t) r, d, nullptr) <= 0.0) {
-                    return LLAMA_SPARQ_ERR_COMPRESSION;
-                }
+            if (!may_be_i8 && !compression_fits(p, d, nullptr)) {
+                return LLAMA_SPARQ_ERR_COMPRESSION;
             }
         }
     }
     return LLAMA_SPARQ_OK;
+}
+
+int32_t llama_sparq_params_check(const struct llama_sparq_params * params) {
+    return params == nullptr ? LLAMA_SPARQ_ERR_NULL : sparq_validate(*params, nullptr);
 }
 
 struct llama_sparq_params llama_sparq_default_params(void) {
@@ -342,6 +348,7 @@ const char * llama_sparq_strerror(int32_t status) {
         case LLAMA_SPARQ_ERR_ALLOC:       return "could not allocate the K^T mirror";
         case LLAMA_SPARQ_ERR_PATH:        return "path must be 0 (auto), 1 (fused) or 2 (ops)";
         case LLAMA_SPARQ_ERR_MIRROR:      return "mirror must be 0 (auto) or 1 (float)";
+        case LLAMA_SPARQ_ERR_SHAPE:       return "the layer's shape is out of range: head counts (a multiple, at most 64 query heads per KV head), head sizes (1..512), cache types (f16, f32, q8_0) or n_pos";
     }
     return "unknown status";
 }
@@ -462,14 +469,11 @@ static sparq_layers sparq_plan_layers(const llama_kv_cache & kv, const llama_spa
         const bool i8 = !ops && p.mirror == LLAMA_SPARQ_MIRROR_AUTO && type_k != GGML_TYPE_F32 &&
                         layer_has_fused_op(kv, ikv, GGML_TYPE_I8);
         out.kt_types[ikv] = llama_sparq_mirror_type(type_k, i8);
-        if (p.k == 0) {  // room for rows after step 2, per mirror
-            const ggml_tensor * k = cache_internals::k(kv, ikv), * v = cache_internals::v(kv, ikv);
-            const int64_t d = hp.n_embd_head_k(il);
-            const llama_sparq_bytes b = llama_sparq_layer_bytes(out.kt_types[ikv], k->type, v->type, d, hp.n_embd_head_v(il));
-            if (p.compression - step2_share(llama_sparq_resolve(p, d, 1, &b).r, d, &b) <= 0.0) {
-                out.compression_too_small = true;
-            }
-        }
+        // room for rows after step 2, per mirror
+        const ggml_tensor * k = cache_internals::k(kv, ikv), * v = cache_internals::v(kv, ikv);
+        const int64_t d = hp.n_embd_head_k(il);
+        const llama_sparq_bytes b = llama_sparq_layer_bytes(out.kt_types[ikv], k->type, v->type, d, hp.n_embd_head_v(il));
+        out.compression_too_small = out.compression_too_small || !compression_fits(p, d, &b);
     }
     return out;
 }
@@ -586,6 +590,29 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
     return LLAMA_SPARQ_OK;
 }
 
+// One layer that takes SparQ, for a sequence of n_pos positions: path, r, k, l and bytes as the
+// decode's counters count them (llama_sparq_resolve, llama_sparq_read). llama_sparq_plan and
+// llama_sparq_plan_layer both plan through it.
+static void plan_layer(const llama_sparq_params & p, int64_t d, int64_t dv, int64_t n_head_kv, ggml_type type_k,
+                       ggml_type type_v, ggml_type type_kt, bool fused, bool realloc, int32_t n_pos,
+                       llama_sparq_layer_plan & o) {
+    o.bytes_dense = (double) n_pos * n_head_kv * (ggml_row_size(type_k, d) + ggml_row_size(type_v, dv));
+    o.path = 0, o.r = 0, o.k = n_pos, o.l = 0, o.type_kt = -1, o.bytes = o.bytes_dense;
+    // a decode takes SparQ from min_ctx positions on, and a fixed k below the cache's length
+    if (n_pos < sparq_min_ctx(p) || (p.k > 0 && p.k >= n_pos)) {
+        return;
+    }
+    const llama_sparq_bytes b = llama_sparq_layer_bytes(type_kt, type_k, type_v, d, dv);
+    const llama_sparq_layer_cfg c = llama_sparq_resolve(p, d, n_pos, &b);
+    if (fused && n_pos < c.min_vis) {
+        return;
+    }
+    const llama_sparq_query_read q = llama_sparq_read(c, b, n_pos, fused, realloc ? dv*sizeof(float) : 0.0);
+    o.path = fused ? 1 : 2;
+    o.r = c.r, o.k = (int32_t) q.k, o.l = q.l, o.type_kt = (int32_t) type_kt;
+    o.bytes = n_head_kv*q.bytes;
+}
+
 int32_t llama_sparq_plan(const struct llama_context * ctx, const struct llama_sparq_params * params,
                          int32_t n_pos, struct llama_sparq_layer_plan * out, int32_t n_max) {
     if (ctx == nullptr || params == nullptr || n_pos < 0 || (out == nullptr && n_max > 0)) {
@@ -609,34 +636,52 @@ int32_t llama_sparq_plan(const struct llama_context * ctx, const struct llama_sp
     }
     const auto & hp = cache_internals::hparams(*kv);
     const int32_t n_layers = (int32_t) cache_internals::n_layers(*kv);
-    const int32_t min_ctx = sparq_min_ctx(*params);
     const bool realloc = sparq_realloc(*params, *kv);
     for (int32_t ikv = 0; ikv < n_layers && ikv < n_max; ++ikv) {
         const int32_t il = (int32_t) cache_internals::il(*kv, ikv);
-        const ggml_tensor * k = cache_internals::k(*kv, ikv), * v = cache_internals::v(*kv, ikv);
-        const int64_t d = hp.n_embd_head_k(il);
-        const int64_t n_head_kv = hp.n_head_kv(il);
+        const ggml_type type_k = cache_internals::k(*kv, ikv)->type, type_v = cache_internals::v(*kv, ikv)->type;
         llama_sparq_layer_plan & o = out[ikv];
         o.il = il;
-        o.bytes_dense = (double) n_pos * n_head_kv * (ggml_row_size(k->type, d) + ggml_row_size(v->type, hp.n_embd_head_v(il)));
-        o.path = 0, o.r = 0, o.k = n_pos, o.l = 0, o.type_kt = -1, o.bytes = o.bytes_dense;
-        // a decode takes SparQ from min_ctx positions on, and a fixed k below the cache's length
-        if (!lay.eligible[ikv] || n_pos < min_ctx || (params->k > 0 && params->k >= n_pos)) {
-            continue;
+        // a layer that cannot take SparQ plans as one below min_ctx: dense
+        llama_sparq_params p = *params;
+        if (!lay.eligible[ikv]) {
+            p.min_ctx = INT32_MAX;
         }
-        // what a query reads, as the decode's counters count it (llama_sparq_read)
-        const bool fused = !lay.ops[ikv];
-        const llama_sparq_bytes b = llama_sparq_layer_bytes(lay.kt_types[ikv], k->type, v->type, d, d);
-        const llama_sparq_layer_cfg c = llama_sparq_resolve(*params, d, n_pos, &b);
-        if (fused && n_pos < c.min_vis) {
-            continue;
-        }
-        const llama_sparq_query_read q = llama_sparq_read(c, b, n_pos, fused, realloc ? hp.n_embd_head_v(il)*sizeof(float) : 0.0);
-        o.path = fused ? 1 : 2;
-        o.r = c.r, o.k = (int32_t) q.k, o.l = q.l, o.type_kt = (int32_t) lay.kt_types[ikv];
-        o.bytes = n_head_kv*q.bytes;
+        plan_layer(p, hp.n_embd_head_k(il), hp.n_embd_head_v(il), hp.n_head_kv(il), type_k, type_v,
+                   lay.kt_types[ikv], !lay.ops[ikv], realloc, n_pos, o);
     }
     return n_layers;
+}
+
+int32_t llama_sparq_plan_layer(const struct llama_sparq_params * params, int32_t n_head, int32_t n_head_kv,
+                               int32_t d, int32_t dv, enum ggml_type type_k, enum ggml_type type_v, bool fused,
+                               int32_t n_pos, struct llama_sparq_layer_plan * out) {
+    if (params == nullptr || out == nullptr) {
+        return LLAMA_SPARQ_ERR_NULL;
+    }
+    if (n_head_kv < 1 || n_head < n_head_kv || n_head % n_head_kv != 0 || d < 1 || dv < 1 ||
+        d > GGML_SPARQ_MAX_HEAD_SIZE || dv > GGML_SPARQ_MAX_HEAD_SIZE || n_head/n_head_kv > GGML_SPARQ_MAX_GROUP ||
+        !sparq_kv_type_ok(type_k) || !sparq_kv_type_ok(type_v) || n_pos < 0) {
+        return LLAMA_SPARQ_ERR_SHAPE;
+    }
+    const int32_t err = sparq_validate(*params, nullptr);
+    if (err != LLAMA_SPARQ_OK) {
+        return err;
+    }
+    if (params->r > d) {
+        return LLAMA_SPARQ_ERR_R;
+    }
+    // the mirror as llama_sparq_set chooses it for a layer on the CPU
+    const bool i8 = fused && params->mirror == LLAMA_SPARQ_MIRROR_AUTO && type_k != GGML_TYPE_F32;
+    const ggml_type type_kt = llama_sparq_mirror_type(type_k, i8);
+    const llama_sparq_bytes b = llama_sparq_layer_bytes(type_kt, type_k, type_v, d, dv);
+    if (!compression_fits(*params, d, &b)) {
+        return LLAMA_SPARQ_ERR_COMPRESSION;
+    }
+    const bool realloc = params->mean_realloc == -1 ? n_head == n_head_kv : params->mean_realloc == 1;
+    out->il = 0;
+    plan_layer(*params, d, dv, n_head_kv, type_k, type_v, type_kt, fused, realloc, n_pos, *out);
+    return LLAMA_SPARQ_OK;
 }
 
 int32_t llama_sparq_get(const struct llama_context * ctx, struct llama_sparq_params * params) {

@@ -158,6 +158,15 @@ static std::vector<sparq_bench_setting> sparq_bench_settings(const sparq_bench_l
         for (int mi : or_default(lists.mirror, LLAMA_SPARQ_MIRROR_AUTO)) {
             sparq_bench_setting s = b;
             s.p.r = r; s.p.l = l; s.p.min_ctx = m; s.p.mean_realloc = a; s.p.mirror = mi;
+            // the library's rules of the settings, before any model loads (llama-bench exits with 1
+            // on a bad parameter, as for its own)
+            const llama_sparq_params lp = common_sparq_llama_params(s.p);
+            const int32_t st = llama_sparq_params_check(&lp);
+            if (st < 0) {
+                fprintf(stderr, "error: SparQ setting (%s%s, r %d, l %d) refused: %s\n", s.p.k > 0 ? "k " : "compression ",
+                        s.p.k > 0 ? std::to_string(s.p.k).c_str() : s.compression.c_str(), r, l, llama_sparq_strerror(st));
+                exit(1);
+            }
             out.push_back(s);
         }
     }
