@@ -9,7 +9,7 @@ from sparq_cpp import Llama, SparqParams, llama_cpp
 from sparq_cpp.eval import last_logits as _logits
 from sparq_util import check, decode, prefill, raw_context, VSUM_TOL
 
-STEPS = 64
+STEPS = 32
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import sparq_cpp
 from sparq_cpp import Llama, SparqParams, llama_cpp
 from sparq_cpp._lib import ffi, lib
 from sparq_cpp.eval import log_softmax
+from sparq_cpp.shapes import load_seq_state, seq_state
 from sparq_util import VSUM_TOL, check as _check, decode as _decode, prefill as _prefill, raw_context as _raw_context
 
 MODELS = ["smollm2-135m", "gemma3-270m"]
@@ -48,9 +49,35 @@ def _tokens(llm, text, n):
     return toks[:n]
 
 
-def _teacher_forced(llm, prompt, cont):
+# (model context, prompt) -> sequence 0's cache after the prompt, and the prompt's last logits
+_PROMPTS = {}
+
+
+def _start(llm, prompt, live=False):
+    """The prompt in llm's cache, from a reset. A module context (_llm: an f16 cache, where a prompt
+    is prefilled densely with SparQ on or off, so its cells are the same) computes each prompt
+    once and every run, the first too, starts from its cells loaded back: SparQ's mirror and sums
+    are rebuilt from them. (Loaded cells can sit elsewhere in gemma3's sliding-window cache than a
+    prefill leaves them, which moves its logits by rounding: dense and SparQ start alike.)
+    live: the prompt decoded, always (SparQ's counters then count its tokens)."""
     llm.reset()
-    llm.eval(prompt)
+    if live or not any(llm is m for m in _LLMS.values()):
+        llm.eval(prompt)
+        return
+    key = (id(llm), tuple(prompt))
+    if key not in _PROMPTS:
+        llm.eval(prompt)
+        _PROMPTS[key] = (seq_state(llm.ctx), np.array(llm.scores[len(prompt) - 1]))
+        llm.reset()
+    state, last = _PROMPTS[key]
+    load_seq_state(llm.ctx, state)
+    llm.input_ids[:len(prompt)] = prompt
+    llm.n_tokens = len(prompt)
+    llm.scores[len(prompt) - 1] = last
+
+
+def _teacher_forced(llm, prompt, cont, live=False):
+    _start(llm, prompt, live)
     out = []
     for t in cont:
         llm.eval([t])
@@ -59,8 +86,7 @@ def _teacher_forced(llm, prompt, cont):
 
 
 def _greedy(llm, prompt, n):
-    llm.reset()
-    llm.eval(prompt)
+    _start(llm, prompt)
     toks, logits = [], []
     for _ in range(n):
         row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
@@ -135,7 +161,10 @@ def _agreement_and_ppl_ratio(dense, sparq, cont):
 # differently changes the cache of every later token). With the budget planned on each sequence's
 # own length (exactly 0.125 of dense's reads, where the cache's padding made it 0.13-0.15), on an
 # Intel Xeon with AVX-512 and AVX-VNNI (2 / 1 threads): smollm2-135m auto 0.910, 1.009; ops 0.887,
-# 1.054; gemma3-270m auto 0.859 / 0.859, 1.028 / 1.052; ops 0.820 / 0.828, 1.145 / 1.149.
+# 1.054; gemma3-270m auto 0.859 / 0.859, 1.028 / 1.052; ops 0.820 / 0.828, 1.145 / 1.149. With the
+# prompt's cells loaded back for each run (_start; the same Xeon, 2 threads): smollm2-135m the same
+# to the last digit; gemma3-270m auto 0.852, 1.041, ops 0.852, 1.110 (its sliding-window cells
+# sit elsewhere than after a prefill: dense and SparQ both move by rounding).
 LEVELS_1_8 = {"auto": {"smollm2-135m": (0.88, 1.04), "gemma3-270m": (0.82, 1.08)},
               "ops": {"smollm2-135m": (0.85, 1.07), "gemma3-270m": (0.79, 1.18)}}
 
@@ -238,10 +267,10 @@ def test_unsupported_cache_type_falls_back_to_dense_with_one_warning():
 def test_forced_dense_runs_no_sparq(essay_text):
     llm = _llm("smollm2-135m")
     toks = _tokens(llm, essay_text, 1216)
-    dense = _teacher_forced(llm, toks[:1200], toks[1200:])
+    dense = _teacher_forced(llm, toks[:1200], toks[1200:], live=True)
     llm.set_sparq(compression=1 / 8, min_ctx=2048)  # the sequence never gets that long: dense
     llm.sparq_stats(reset=True)
-    out = _teacher_forced(llm, toks[:1200], toks[1200:])
+    out = _teacher_forced(llm, toks[:1200], toks[1200:], live=True)  # the prompt's tokens counted too
     st = llm.sparq_stats()
     assert st["n_tokens_sparq"] == 0 and st["n_tokens_dense"] == 1216
     assert np.array_equal(out, dense)
