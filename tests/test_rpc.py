@@ -21,7 +21,7 @@ def _scenario(which):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("which", ["one", "two"])
+@pytest.mark.parametrize("which", ["one", pytest.param("two", marks=pytest.mark.slow)])
 def test_rpc_servers_decode_as_local_sparq(which):
     # layers on RPC servers run the portable graph (the client cannot ask a server whether it has
     # the fused op); local layers the fused op. Measured: max logit difference 1.29, top-1

@@ -159,6 +159,7 @@ def test_completions_match_the_dense_server(servers, prompts):
     print(f"completions equal to dense: {sum(same)} of {len(same)} (the others from a near tie on)")
 
 
+@pytest.mark.slow  # CI: make test-slow (chat through SparQ in make test: test_sparq, test_concurrent_requests)
 def test_chat_completions_match_the_dense_server(servers, prompts):
     sparq, dense = servers
     same = [_same_up_to_a_near_tie(_chat(sparq, p, True), _chat(dense, p, True)) for p in prompts[:3]]

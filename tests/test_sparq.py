@@ -267,7 +267,7 @@ def test_unsupported_cache_type_falls_back_to_dense_with_one_warning():
 def test_forced_dense_runs_no_sparq(essay_text):
     llm = _llm("smollm2-135m")
     toks = _tokens(llm, essay_text, 1216)
-    dense = _teacher_forced(llm, toks[:1200], toks[1200:], live=True)
+    dense = _teacher_forced(llm, toks[:1200], toks[1200:])
     llm.set_sparq(compression=1 / 8, min_ctx=2048)  # the sequence never gets that long: dense
     llm.sparq_stats(reset=True)
     out = _teacher_forced(llm, toks[:1200], toks[1200:], live=True)  # the prompt's tokens counted too
@@ -338,8 +338,7 @@ def test_turning_sparq_on_over_a_filled_cache(essay_text):
     llm = _llm("smollm2-135m")
     toks = _tokens(llm, essay_text, 1300)
     dense = _teacher_forced(llm, toks[:1280], toks[1280:])
-    llm.reset()
-    llm.eval(toks[:1280])  # dense prefill, SparQ off: no mirror yet
+    _start(llm, toks[:1280])  # a filled cache, SparQ off: no mirror yet
     llm.set_sparq(k=1500, l=0, min_ctx=0, realloc=True)  # built from the cache on the next decode
     llm.sparq_stats(reset=True)
     out = []

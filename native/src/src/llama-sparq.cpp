@@ -742,7 +742,10 @@ uint32_t llama_sparq_graph_nodes(const llama_context * ctx) {
     if (kv == nullptr || !kv->sparq || !kv->sparq->enabled) {
         return 0;
     }
-    return (uint32_t) kv->sparq->n_ops*kv->get_n_stream()*LLAMA_SPARQ_OPS_NODES + 64u*kv->get_n_stream();
+    // and per stream, headroom for what the graph's SparQ input adds once (the V sums, their
+    // counts, the window ranks, an index input per K width, and their views)
+    const uint32_t input_nodes = 64;
+    return (uint32_t) kv->sparq->n_ops*kv->get_n_stream()*LLAMA_SPARQ_OPS_NODES + input_nodes*kv->get_n_stream();
 }
 
 void llama_sparq_stats_reset(struct llama_context * ctx) {

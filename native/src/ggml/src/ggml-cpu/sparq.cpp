@@ -54,12 +54,16 @@ struct item_info {
     int32_t p_lo;     // first visible position
     int32_t p_hi;     // one past the last visible position
     int32_t t_local;  // visible positions >= t_local form the local window
-    int32_t n_sel;    // selected positions (written by A for dense items, by E otherwise)
+    int32_t n_sel;    // selected positions (written by step 1 for dense items, by step 3 otherwise)
     int32_t k;        // positions to select (query_budget)
     int32_t l;        // of them, the local window
 };
 
 size_t align16(size_t n) { return (n + 15) & ~size_t(15); }
+
+// a thread's partial result for one (item, head) of steps 4-5, part_stride words: its rows' logit
+// max, softmax denominator against that max, alpha's share, then the weighted sum of V [Dv]
+enum sparq_part { PART_MAX = 0, PART_SUM = 1, PART_ALPHA = 2, PART_ACC = 3 };
 
 // scratch layout, in 4-byte words; one definition serves the planner and the kernel
 struct sparq_layout {
@@ -84,7 +88,7 @@ sparq_layout get_layout(const sparq_dims & d, int nth) {
     o.hbits       = 8;
     while (o.hbits < SPARQ_HBITS && (int64_t(1) << (o.hbits + 3)) < d.n_kv) o.hbits++;
     o.hist        = take((size_t) nth * I << o.hbits);  // per thread and item: its positions' histogram
-    o.part_stride = 3 + d.Dv;
+    o.part_stride = PART_ACC + d.Dv;
     o.part        = take((size_t) nth * I * G * o.part_stride);
     // per thread: step-2 row block + G accumulators + mask block, q rows in f32, V row in f32,
     // the candidate list of the selection, the step-5 scores
@@ -501,8 +505,8 @@ struct sparq_run {
                 float * ph = P + hh*o.part_stride;
                 float mx = -INFINITY;
                 if (na > 0) ggml_vec_max_f32((int) na, &mx, sc + hh*na);
-                ph[0] = mx;
-                ph[1] = na > 0 ? (float) ggml_vec_soft_max_f32((int) na, sc + hh*na, sc + hh*na, mx) : 0.0f;
+                ph[PART_MAX] = mx;
+                ph[PART_SUM] = na > 0 ? (float) ggml_vec_soft_max_f32((int) na, sc + hh*na, sc + hh*na, mx) : 0.0f;
                 float al = 0.0f;
                 if (realloc && !inf.dense && na > 0) {  // alpha mixes in the mean of V only with reallocation
                     // s_hat's numerators (approx_scores) at this thread's selected rows
@@ -510,13 +514,13 @@ struct sparq_run {
                     for (int64_t i = 0; i < na; ++i) e += L[hh*S + rows[i]];
                     al = (float) e * zinv[hh];
                 }
-                ph[2] = al;
-                memset(ph + 3, 0, d.Dv*sizeof(float));
+                ph[PART_ALPHA] = al;
+                memset(ph + PART_ACC, 0, d.Dv*sizeof(float));
             }
             // pass 3: the weighted sum of this thread's V rows (the sums in registers where it can,
             // else one row at a time)
 #if defined(SPARQ_SIMD)
-            if (v_f16 && mad_rows_f16(vbase, v->nb[1], rows, na, d.Dv, G, sc, na, P + 3, o.part_stride)) {
+            if (v_f16 && mad_rows_f16(vbase, v->nb[1], rows, na, d.Dv, G, sc, na, P + PART_ACC, o.part_stride)) {
                 continue;
             }
 #endif
@@ -525,11 +529,11 @@ struct sparq_run {
                 const char * vsrc = vbase + p*v->nb[1];
 #if defined(SPARQ_SIMD)
                 if (v_f16 && d.Dv % 8 == 0) {  // each 8 values converted once, for all heads of the group
-                    mad_group_f16((const ggml_fp16_t *) vsrc, d.Dv, G, sc + i, na, P + 3, o.part_stride);
+                    mad_group_f16((const ggml_fp16_t *) vsrc, d.Dv, G, sc + i, na, P + PART_ACC, o.part_stride);
                     continue;
                 }
                 if (v_q8) {
-                    mad_group_q8_0((const block_q8_0 *) vsrc, d.Dv, G, sc + i, na, P + 3, o.part_stride);
+                    mad_group_q8_0((const block_q8_0 *) vsrc, d.Dv, G, sc + i, na, P + PART_ACC, o.part_stride);
                     continue;
                 }
 #endif
@@ -537,7 +541,7 @@ struct sparq_run {
                 else if (v_q8) ggml_get_type_traits(v->type)->to_float(vsrc, vrow, d.Dv);
                 else memcpy(vrow, vsrc, d.Dv*sizeof(float));
                 for (int64_t hh = 0; hh < G; ++hh) {
-                    ggml_vec_mad_f32((int) d.Dv, P + hh*o.part_stride + 3, vrow, sc[hh*na + i]);
+                    ggml_vec_mad_f32((int) d.Dv, P + hh*o.part_stride + PART_ACC, vrow, sc[hh*na + i]);
                 }
             }
         }
@@ -552,7 +556,7 @@ struct sparq_run {
             const int64_t h = g*G + hh;
             float * out = (float *) ((char *) dst->data + h*dst->nb[1] + b*dst->nb[2] + s*dst->nb[3]);
             float M = -INFINITY;
-            for (int t = 0; t < nth; ++t) M = std::max(M, part[(((size_t) t*I + it)*G + hh)*o.part_stride]);
+            for (int t = 0; t < nth; ++t) M = std::max(M, part[(((size_t) t*I + it)*G + hh)*o.part_stride + PART_MAX]);
             memset(out, 0, d.Dv*sizeof(float));
             if (inf.n_sel == 0 || M == -INFINITY) continue;
             // a sink is one more term of the denominator, with no value row; it is always chosen
@@ -566,11 +570,11 @@ struct sparq_run {
             }
             for (int t = 0; t < nth; ++t) {
                 const float * ph = part + (((size_t) t*I + it)*G + hh)*o.part_stride;
-                alpha += ph[2];
-                if (ph[0] == -INFINITY) continue;
-                const float f = std::exp(ph[0] - M);
-                Ssum += ph[1]*f;
-                ggml_vec_mad_f32((int) d.Dv, out, ph + 3, f);
+                alpha += ph[PART_ALPHA];
+                if (ph[PART_MAX] == -INFINITY) continue;
+                const float f = std::exp(ph[PART_MAX] - M);
+                Ssum += ph[PART_SUM]*f;
+                ggml_vec_mad_f32((int) d.Dv, out, ph + PART_ACC, f);
             }
             if (inf.dense) alpha = 1.0;
             const float ys = (float) (1.0 / Ssum);
