@@ -9,7 +9,9 @@ write the series back from it, and check that the series is what its own commits
 
 To change a patch: `branch`, edit and `git commit --fixup` (or `git rebase -i`) in DIR so that each
 commit stays one patch, `export`, rebuild. A new patch is a new commit whose subject is its file
-name. The pristine tree is the one `make build` extracts (build/native/upstream/pristine, from
+name. Two series: native/patches/*.patch, always applied, then native/patches/rpc/*.patch, applied
+when the RPC backend is built (SPARQ_RPC, on by default): their commits are named "rpc/NNNN-name.patch".
+The pristine tree is the one `make build` extracts (build/native/upstream/pristine, from
 the pinned llama-cpp-python sdist); docs/upstream.md has the steps to move to a newer one.
 """
 
@@ -39,6 +41,18 @@ def _git(repo: Path, *args: str) -> str:
     return r.stdout
 
 
+# the series in the order they are applied: the main one, then the RPC backend's
+SERIES = ("", "rpc/")
+
+
+def patch_files(patches: Path = PATCHES) -> list:
+    return [p for sub in SERIES for p in sorted(patches.glob(f"{sub}*.patch"))]
+
+
+def _name(patches: Path, p: Path) -> str:
+    return p.relative_to(patches).as_posix()
+
+
 def branch(dest: Path, pristine: Path = PRISTINE, patches: Path = PATCHES) -> None:
     """dest: the pristine tree as one commit, then each patch applied and committed under its name"""
     if not pristine.is_dir():
@@ -49,12 +63,12 @@ def branch(dest: Path, pristine: Path = PRISTINE, patches: Path = PATCHES) -> No
     _git(dest, "init", "-q")
     _git(dest, "add", "-A")
     _git(dest, "commit", "-q", "-m", "pristine")
-    for p in sorted(patches.glob("*.patch")):
+    for p in patch_files(patches):
         r = subprocess.run([*GIT, "-C", str(dest), "apply", "--whitespace=nowarn", str(p)], capture_output=True, text=True)
         if r.returncode != 0:
-            sys.exit(f"error: {p.name} does not apply: {r.stderr.strip()}")
+            sys.exit(f"error: {_name(patches, p)} does not apply: {r.stderr.strip()}")
         _git(dest, "add", "-A")
-        _git(dest, "commit", "-q", "-m", p.name)
+        _git(dest, "commit", "-q", "-m", _name(patches, p))
 
 
 def series(repo: Path) -> dict:
@@ -68,8 +82,9 @@ def series(repo: Path) -> dict:
     out = {}
     for prev, c in zip(commits, commits[1:]):
         name = _git(repo, "log", "-1", "--format=%s", c).strip()
-        if not name.endswith(".patch") or "/" in name:
-            sys.exit(f"error: commit {c[:12]}: its subject must be the patch's file name, not {name!r}")
+        if not name.endswith(".patch") or not any(name.startswith(s) and "/" not in name[len(s):] for s in SERIES):
+            sys.exit(f"error: commit {c[:12]}: its subject must be the patch's file name (rpc/ for the RPC "
+                     f"series), not {name!r}")
         out[name] = _git(repo, "diff", "--no-color", "--no-ext-diff", "--full-index", "--no-renames", prev, c)
     return out
 
@@ -78,13 +93,14 @@ def export(repo: Path, patches: Path = PATCHES) -> list:
     """native/patches from repo's commits: changed files written, patches no commit has removed"""
     new = series(repo)
     changed = []
-    for old in patches.glob("*.patch"):
-        if old.name not in new:
+    for old in patch_files(patches):
+        if _name(patches, old) not in new:
             old.unlink()
-            changed.append(old.name)
+            changed.append(_name(patches, old))
     for name, text in new.items():
         f = patches / name
         if not f.exists() or f.read_text() != text:
+            f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(text)
             changed.append(name)
     return changed
@@ -96,7 +112,8 @@ def check(pristine: Path = PRISTINE, patches: Path = PATCHES) -> list:
         repo = Path(tmp) / "tree"
         branch(repo, pristine, patches)
         new = series(repo)
-    return [p.name for p in sorted(patches.glob("*.patch")) if new.get(p.name) != p.read_text()]
+    names = {_name(patches, p): p for p in patch_files(patches)}
+    return [n for n, p in names.items() if new.get(n) != p.read_text()] + [n for n in new if n not in names]
 
 
 def main(argv=None) -> int:
@@ -109,7 +126,7 @@ def main(argv=None) -> int:
         ap.error(f"{args.command} needs DIR")
     if args.command == "branch":
         branch(args.dir, args.pristine)
-        print(f"{args.dir}: the pristine tree and {len(list(PATCHES.glob('*.patch')))} patch commits")
+        print(f"{args.dir}: the pristine tree and {len(patch_files())} patch commits")
     elif args.command == "export":
         changed = export(args.dir)
         print("written: " + (", ".join(changed) if changed else "nothing (the series is unchanged)"))

@@ -14,7 +14,8 @@ Steps:
 2. Extract only the parts of ``vendor/llama.cpp`` that the build needs into ``<dest>/pristine``
    (once per tarball).
 3. Build the patched tree in a scratch folder: copy pristine, apply ``native/patches/*.patch`` in
-   name order (a patch that does not apply stops with its name), overlay ``native/src/``.
+   name order, then with ``--rpc`` (the RPC backend is built) ``native/patches/rpc/*.patch`` (a
+   patch that does not apply stops with its name), overlay ``native/src/``.
 4. Sync the scratch tree into ``<dest>/llama.cpp``, writing only the files whose content changed,
    so that a second build reuses the first one's objects.
 """
@@ -197,6 +198,7 @@ def main() -> None:
     ap.add_argument("--sha256", required=True)
     ap.add_argument("--patches", type=Path, default=HERE / "patches")
     ap.add_argument("--src", type=Path, default=HERE / "src")
+    ap.add_argument("--rpc", action="store_true", help="also apply the RPC backend's series (patches/rpc/)")
     args = ap.parse_args()
 
     tarball = fetch(args.package, args.version, args.sha256)
@@ -213,6 +215,8 @@ def main() -> None:
         work = Path(tmp) / "llama.cpp"
         shutil.copytree(pristine, work, ignore=shutil.ignore_patterns(".sparq-pristine"))
         apply_patches(work, sorted(args.patches.glob("*.patch")))
+        if args.rpc:
+            apply_patches(work, sorted(args.patches.glob("rpc/*.patch")))
         overlay(work, args.src)
         n = sync(work, dest / "llama.cpp")
     log(f"patched tree ready at {dest / 'llama.cpp'} ({n} files updated)")

@@ -1,4 +1,4 @@
-// sparq-cpp: the --sparq-* flags of llama.cpp's common argument parser (native/patches/0008 calls
+// sparq-cpp: the --sparq-* flags of llama.cpp's common argument parser (native/patches/0007 calls
 // common_sparq_add_args where common_params_parser_init adds its options). Values are checked
 // here; the library checks the rest when common_init_from_params applies them (common-sparq.h).
 #pragma once

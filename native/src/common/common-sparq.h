@@ -1,7 +1,7 @@
 // sparq-cpp: SparQ settings of llama.cpp's common tools (llama-cli, llama-server, ...): the
 // --sparq-* flags and LLAMA_ARG_SPARQ_* variables (arg-sparq.h) fill common_params::sparq, and
 // common_init_from_params turns SparQ on with them right after it makes the context
-// (native/patches/0008 hooks both in).
+// (native/patches/0007 hooks both in).
 #pragma once
 
 #include "llama.h"

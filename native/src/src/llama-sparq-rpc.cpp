@@ -1,7 +1,7 @@
 // sparq-cpp: a decode whose layers ran on an RPC server that went away fails with an error code.
 //
 // Upstream's ggml-rpc aborts the process when a server stops answering. The fork's ggml-rpc
-// (native/patches/0006) instead marks the connection lost, completes the outstanding messages
+// (native/patches/rpc/, applied when the RPC backend is built) instead marks the connection lost, completes the outstanding messages
 // unsent and fails every later graph on it; it answers "ggml_backend_rpc_lost" through its
 // registry. Because ggml-rpc queues commands and reads results asynchronously, a server that dies
 // while a batch computes is only noticed when the outputs come back: llama_context::decode asks

@@ -1,4 +1,4 @@
-// sparq-cpp: SparQ settings in llama-bench (hooked in by native/patches/0007).
+// sparq-cpp: SparQ settings in llama-bench (hooked in by native/patches/0006).
 //
 //   --sparq-compression 0,1/8,1/16   target fraction of dense attention's reads (0: dense)
 //   --sparq-k 0,64                   positions read exactly per token, instead (0: dense)
