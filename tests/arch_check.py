@@ -327,10 +327,15 @@ def _check_model(path: Path) -> dict:
         de, _ = dense_gen(n_prompt + N_GEN)
         st = sq.stats(s)
         nmse = float(((sp - de) ** 2).sum() / (de ** 2).sum())
+        # the plan (llama_sparq_plan) of each decoded token's length counts the bytes the decode counted
+        start = n_prompt + N_GEN
+        planned = sum(p["bytes"] for pos in range(start, start + N_GEN)
+                      for p in sq.plan(s, SparqParams(compression=0.125, min_ctx=0), pos + 1) if p["path"] != "dense")
         checks["budget"] = {"nmse": nmse, "bound": BUDGET_NMSE, "read_fraction": st["read_fraction"],
-                            "sparq_tokens": st["n_tokens_sparq"],
+                            "sparq_tokens": st["n_tokens_sparq"], "planned_bytes": planned,
                             "ok": bool(np.isfinite(sp).all() and nmse <= BUDGET_NMSE and st["n_tokens_sparq"] == N_GEN
-                                       and st["n_layers_sparq"] == out["layers_sparq"])}
+                                       and st["n_layers_sparq"] == out["layers_sparq"]
+                                       and abs(planned - st["bytes_attn_sparq"]) <= 1e-9 * st["bytes_attn_sparq"])}
         free(s)
 
         # the portable graph of standard ops (what GPU backends run) with mean reallocation, k >=
