@@ -9,7 +9,7 @@ on the essays (the protocol of ``sparq-cpp eval``), everything compared with den
 F16 cache: dense and SparQ 1/8 on F16, on q8_0 with the rotation kept (SparQ set only after the
 prefill, upstream's default) and on q8_0 as sparq-cpp runs it (rotation off).
 
-    python scripts/eval_kv_rotation.py [-m smollm2-135m] [-c 2048,4096] [-n 128]
+    python experiments/eval_kv_rotation.py [-m smollm2-135m] [-c 2048,4096] [-n 128]
 """
 
 import argparse

@@ -6,8 +6,8 @@ both, local window k/8 and k/2; 1/4 as a reference), per model, with the JSON sa
 model. It is the evidence behind each model family's default (docs/results.md, "the levers
 measured").
 
-    python scripts/eval_ablation.py                                   # both models, 2048 and 4096, 256 tokens
-    python scripts/eval_ablation.py -m smollm2-135m -c 2048 -n 64     # a quick look
+    python experiments/eval_ablation.py                                   # both models, 2048 and 4096, 256 tokens
+    python experiments/eval_ablation.py -m smollm2-135m -c 2048 -n 64     # a quick look
 """
 
 from __future__ import annotations

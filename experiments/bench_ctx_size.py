@@ -3,7 +3,7 @@ context per size held at once, dense (flash attention on) and SparQ 1/8 decoding
 interleaved over rounds (median). Used to explain the gap between llama-bench (context = depth +
 tokens) and sparq-cpp bench (context = the run's largest depth) in the README.
 
-    python scripts/bench_ctx_size.py [rounds]
+    python experiments/bench_ctx_size.py [rounds]
 """
 
 import statistics
