@@ -34,6 +34,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from patches import SERIES  # noqa: E402  (the series and their order: native/patches.py)
 
 # Parts of vendor/llama.cpp the build uses. Everything else (docs, models, examples, web UI
 # assets, python tooling) stays in the tarball.
@@ -214,9 +216,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         work = Path(tmp) / "llama.cpp"
         shutil.copytree(pristine, work, ignore=shutil.ignore_patterns(".sparq-pristine"))
-        apply_patches(work, sorted(args.patches.glob("*.patch")))
-        if args.rpc:
-            apply_patches(work, sorted(args.patches.glob("rpc/*.patch")))
+        for series in SERIES:
+            if series != "rpc/" or args.rpc:
+                apply_patches(work, sorted(args.patches.glob(f"{series}*.patch")))
         overlay(work, args.src)
         n = sync(work, dest / "llama.cpp")
     log(f"patched tree ready at {dest / 'llama.cpp'} ({n} files updated)")

@@ -321,7 +321,8 @@ def _check_model(path: Path) -> dict:
         checks["exact"]["ok"] &= st["n_tokens_sparq"] == N_GEN
 
         # 1/8 on the same context, the next tokens, against dense decoding them too
-        set_sparq(s, SparqParams(compression=0.125, min_ctx=0))
+        budget = SparqParams(compression=0.125, min_ctx=0)
+        set_sparq(s, budget)
         sq.reset_stats(s)
         sp = gen(s, n_prompt + N_GEN)
         de, _ = dense_gen(n_prompt + N_GEN)
@@ -330,7 +331,7 @@ def _check_model(path: Path) -> dict:
         # the plan (llama_sparq_plan) of each decoded token's length counts the bytes the decode counted
         start = n_prompt + N_GEN
         planned = sum(p["bytes"] for pos in range(start, start + N_GEN)
-                      for p in sq.plan(s, SparqParams(compression=0.125, min_ctx=0), pos + 1) if p["path"] != "dense")
+                      for p in sq.plan(s, budget, pos + 1) if p["path"] != "dense")
         checks["budget"] = {"nmse": nmse, "bound": BUDGET_NMSE, "read_fraction": st["read_fraction"],
                             "sparq_tokens": st["n_tokens_sparq"], "planned_bytes": planned,
                             "ok": bool(np.isfinite(sp).all() and nmse <= BUDGET_NMSE and st["n_tokens_sparq"] == N_GEN

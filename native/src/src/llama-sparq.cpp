@@ -70,10 +70,20 @@ static int32_t sparq_min_ctx(const llama_sparq_params & p) {
 }
 
 // mean reallocation: as asked, else on for multi-head models and off for grouped-query ones
+static bool sparq_realloc(const llama_sparq_params & p, int64_t n_head, int64_t n_head_kv) {
+    return p.mean_realloc == -1 ? n_head == n_head_kv : p.mean_realloc == 1;
+}
+
 static bool sparq_realloc(const llama_sparq_params & p, const llama_kv_cache & kv) {
     const auto & hp = cache_internals::hparams(kv);
     const uint32_t il = cache_internals::il(kv, 0);
-    return p.mean_realloc == -1 ? hp.n_head(il) == hp.n_head_kv(il) : p.mean_realloc == 1;
+    return sparq_realloc(p, hp.n_head(il), hp.n_head_kv(il));
+}
+
+// the K^T mirror's type: INT8 where the fused op reads the layer and its kernel takes INT8, unless
+// a float mirror is asked for or the cache is F32
+static ggml_type sparq_kt_type(const llama_sparq_params & p, ggml_type type_k, bool fused_takes_i8) {
+    return llama_sparq_mirror_type(type_k, fused_takes_i8 && p.mirror == LLAMA_SPARQ_MIRROR_AUTO && type_k != GGML_TYPE_F32);
 }
 
 // r, k and l of a layer with head size d, for a cache of n_kv positions
@@ -187,6 +197,20 @@ static ggml_backend_dev_t layer_device(const llama_kv_cache & kv, size_t ikv) {
     return dev;
 }
 
+// why the op cannot take heads of this grouping and size, or nullptr
+static const char * sparq_heads_unsupported(int64_t n_head, int64_t n_head_kv, int64_t d, int64_t dv) {
+    if (n_head_kv <= 0 || n_head % n_head_kv != 0) {
+        return "query heads not a whole multiple of the KV heads";
+    }
+    if (n_head/n_head_kv > GGML_SPARQ_MAX_GROUP) {
+        return "more than 64 query heads per KV head (GGML_SPARQ_MAX_GROUP)";
+    }
+    if (d > GGML_SPARQ_MAX_HEAD_SIZE || dv > GGML_SPARQ_MAX_HEAD_SIZE) {
+        return "head size above 512 (GGML_SPARQ_MAX_HEAD_SIZE)";
+    }
+    return nullptr;
+}
+
 // why layer ikv cannot take SparQ, or nullptr
 static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ikv) {
     const auto & hp = cache_internals::hparams(kv);
@@ -206,15 +230,8 @@ static const char * sparq_layer_unsupported(const llama_kv_cache & kv, size_t ik
     if (hp.f_max_alibi_bias != 0.0f) {
         return "ALiBi position biases (added to the scores; SparQ's approximate scores do not carry them)";
     }
-    const uint32_t n_head = hp.n_head(il), n_head_kv = hp.n_head_kv(il);
-    if (n_head_kv == 0 || n_head % n_head_kv != 0) {
-        return "query heads not a whole multiple of the KV heads";
-    }
-    if (n_head/n_head_kv > GGML_SPARQ_MAX_GROUP) {
-        return "more than 64 query heads per KV head (GGML_SPARQ_MAX_GROUP)";
-    }
-    if (hp.n_embd_head_k(il) > GGML_SPARQ_MAX_HEAD_SIZE || hp.n_embd_head_v(il) > GGML_SPARQ_MAX_HEAD_SIZE) {
-        return "head size above 512 (GGML_SPARQ_MAX_HEAD_SIZE)";
+    if (const char * why = sparq_heads_unsupported(hp.n_head(il), hp.n_head_kv(il), hp.n_embd_head_k(il), hp.n_embd_head_v(il))) {
+        return why;
     }
 
     if (layer_device(kv, ikv) == nullptr) {
@@ -464,11 +481,8 @@ static sparq_layers sparq_plan_layers(const llama_kv_cache & kv, const llama_spa
         }
         out.eligible[ikv] = true;
         out.ops[ikv] = ops;
-        // the mirror's type: INT8 where the fused op reads it (and the backend's kernel takes it)
         const ggml_type type_k = cache_internals::k(kv, ikv)->type;
-        const bool i8 = !ops && p.mirror == LLAMA_SPARQ_MIRROR_AUTO && type_k != GGML_TYPE_F32 &&
-                        layer_has_fused_op(kv, ikv, GGML_TYPE_I8);
-        out.kt_types[ikv] = llama_sparq_mirror_type(type_k, i8);
+        out.kt_types[ikv] = sparq_kt_type(p, type_k, !ops && layer_has_fused_op(kv, ikv, GGML_TYPE_I8));
         // room for rows after step 2, per mirror
         const ggml_tensor * k = cache_internals::k(kv, ikv), * v = cache_internals::v(kv, ikv);
         const int64_t d = hp.n_embd_head_k(il);
@@ -659,9 +673,8 @@ int32_t llama_sparq_plan_layer(const struct llama_sparq_params * params, int32_t
     if (params == nullptr || out == nullptr) {
         return LLAMA_SPARQ_ERR_NULL;
     }
-    if (n_head_kv < 1 || n_head < n_head_kv || n_head % n_head_kv != 0 || d < 1 || dv < 1 ||
-        d > GGML_SPARQ_MAX_HEAD_SIZE || dv > GGML_SPARQ_MAX_HEAD_SIZE || n_head/n_head_kv > GGML_SPARQ_MAX_GROUP ||
-        !sparq_kv_type_ok(type_k) || !sparq_kv_type_ok(type_v) || n_pos < 0) {
+    if (n_head < 1 || d < 1 || dv < 1 || n_pos < 0 || sparq_heads_unsupported(n_head, n_head_kv, d, dv) != nullptr ||
+        !sparq_kv_type_ok(type_k) || !sparq_kv_type_ok(type_v)) {
         return LLAMA_SPARQ_ERR_SHAPE;
     }
     const int32_t err = sparq_validate(*params, nullptr);
@@ -671,16 +684,14 @@ int32_t llama_sparq_plan_layer(const struct llama_sparq_params * params, int32_t
     if (params->r > d) {
         return LLAMA_SPARQ_ERR_R;
     }
-    // the mirror as llama_sparq_set chooses it for a layer on the CPU
-    const bool i8 = fused && params->mirror == LLAMA_SPARQ_MIRROR_AUTO && type_k != GGML_TYPE_F32;
-    const ggml_type type_kt = llama_sparq_mirror_type(type_k, i8);
+    // the mirror as llama_sparq_set chooses it for a layer on the CPU (whose fused op takes INT8)
+    const ggml_type type_kt = sparq_kt_type(*params, type_k, fused);
     const llama_sparq_bytes b = llama_sparq_layer_bytes(type_kt, type_k, type_v, d, dv);
     if (!compression_fits(*params, d, &b)) {
         return LLAMA_SPARQ_ERR_COMPRESSION;
     }
-    const bool realloc = params->mean_realloc == -1 ? n_head == n_head_kv : params->mean_realloc == 1;
     out->il = 0;
-    plan_layer(*params, d, dv, n_head_kv, type_k, type_v, type_kt, fused, realloc, n_pos, *out);
+    plan_layer(*params, d, dv, n_head_kv, type_k, type_v, type_kt, fused, sparq_realloc(*params, n_head, n_head_kv), n_pos, *out);
     return LLAMA_SPARQ_OK;
 }
 
