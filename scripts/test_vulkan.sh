@@ -39,16 +39,20 @@ grep -q "Vulkan0" "$DIR/info.txt" || { echo "test-vulkan: the Vulkan build sees 
 
 # 1. test-backend-ops, one case per process; each must report "1/1 tests passed"
 cases=()
-for t in f16 q8_0 f32; do
-    for kv in 2048 8192; do
-        for nb in 1 4; do
-            cases+=("SPARQ_ATTN_OPS|^hs=64,nh=3,G=3,kv=$kv,nb=$nb,.*type_KV=$t,sinks=0\$")
-            cases+=("SPARQ_ATTN_OPS|^hs=256,nh=1,G=4,kv=$kv,nb=$nb,.*type_KV=$t,sinks=0\$")
+for a in 0 8; do  # attending under a sparse mask, over gathered rows (GGML_SPARQ_GATHER)
+    for t in f16 q8_0 f32; do
+        for kv in 2048 8192; do
+            for nb in 1 4; do
+                f=$(( 1 | a | (nb == 1 ? 4 : 0) ))  # REALLOC, one query: ALL_SEE_K
+                cases+=("SPARQ_ATTN_OPS|^hs=64,nh=3,G=3,kv=$kv,nb=$nb,.*flags=$f,type_KV=$t,sinks=0,")
+                cases+=("SPARQ_ATTN_OPS|^hs=256,nh=1,G=4,kv=$kv,nb=$nb,.*flags=$f,type_KV=$t,sinks=0,")
+            done
         done
     done
+    cases+=("SPARQ_ATTN_OPS|kv=2048,nb=2,.*flags=$a,type_KV=f16,sinks=0," "SPARQ_ATTN_OPS|flags=$(( 3 | a ))," "SPARQ_ATTN_OPS|kv=1024,.*flags=$(( 1 | a )),")
 done
-cases+=("SPARQ_ATTN_OPS|flags=0,type_KV=f16,sinks=0\$" "SPARQ_ATTN_OPS|flags=3," "SPARQ_ATTN_OPS|kv=1024,")
-cases+=("SPARQ_ATTN_OPS|flags=0,type_KV=f16,sinks=1\$" "SPARQ_ATTN_OPS|flags=1,type_KV=f16,sinks=1\$")  # learned attention sinks
+cases+=("SPARQ_ATTN_OPS|nb=2,.*flags=0,type_KV=f16,sinks=1," "SPARQ_ATTN_OPS|nb=2,.*flags=1,type_KV=f16,sinks=1,")  # learned attention sinks
+cases+=("SPARQ_ATTN_OPS|nb=1,.*flags=12,type_KV=f16,sinks=1," "SPARQ_ATTN_OPS|nb=1,.*flags=13,type_KV=f16,sinks=1,")
 for kv in 2048 8192; do
     k=$((kv / 16))
     cases+=("TOP_K|^type=f32,ne=\\[$kv,4,3,1\\],k=$k," "TOP_K|^type=f32,ne=\\[$kv,4,1,1\\],k=$k,")

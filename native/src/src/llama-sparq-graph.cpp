@@ -34,6 +34,7 @@ public:
     uint32_t generation = 0;
     uint32_t n_kv       = 0;
     int64_t  n_plan     = 0;             // the portable graph's: the longest visible sequence of the ubatch
+    int64_t  n_plan_min = 0;             // and the shortest
     bool     use_op     = false;         // this ubatch takes SparQ
 
     // I64 [n_tokens*n_embd_k]: the mirror element of each K element of the ubatch, one tensor per
@@ -46,7 +47,8 @@ public:
     // portable graph (layers without the fused op): per token and cell, the cell's rank among the
     // token's visible cells counted from the last one (0), SPARQ_RANK_HIDDEN when not visible
     ggml_tensor * vis_rank = nullptr;    // F32 [n_kv, n_tokens]
-    std::map<std::pair<int64_t, int32_t>, ggml_tensor *> bias;  // (stream, l): mask + window bonus
+    std::map<int32_t, ggml_tensor *> bias;  // per window l: mask + window bonus, for every stream
+    ggml_tensor * mask_f16 = nullptr;    // the KQ mask as F16, where it is F32 (flash attention off)
 
     struct layer_info { int64_t n_head_kv, d; llama_sparq_layer_cfg cfg; llama_sparq_bytes bytes; double vmean_bytes; bool fused; };
     std::vector<layer_info> layers;      // SparQ layers of this graph, for the read estimate
@@ -75,10 +77,11 @@ static bool use_sparq(const llama_sparq_kv & st, const llama_ubatch & ub, const 
     return !(st.params.k > 0 && st.params.k >= (int64_t) n_kv); // every position would be read
 }
 
-// The most positions a token of the ubatch sees (its sequence's cells up to its position): what
-// the portable graph plans its one k on, so that a sequence alone reads what the fused op reads.
-static int64_t longest_visible(const llama_kv_cache & kv, const llama_ubatch & ub, uint32_t n_kv) {
-    int64_t out = 1;
+// The most and the fewest positions a token of the ubatch sees (its sequence's cells up to its
+// position): the portable graph plans its one k on the most, so that a sequence alone reads what
+// the fused op reads, and masks after its selection only where a token sees fewer than k.
+static std::pair<int64_t, int64_t> visible_range(const llama_kv_cache & kv, const llama_ubatch & ub, uint32_t n_kv) {
+    int64_t lo = INT64_MAX, hi = 1;
     for (uint32_t i = 0; i < ub.n_tokens; ++i) {
         const llama_seq_id q = ub.seq_id[i][0];
         const llama_pos    p = ub.pos[i];
@@ -87,9 +90,10 @@ static int64_t longest_visible(const llama_kv_cache & kv, const llama_ubatch & u
         for (uint32_t c = 0; c < n_kv; ++c) {
             n += !cells.is_empty(c) && cells.seq_has(c, q) && cells.pos_get(c) <= p;
         }
-        out = std::max(out, n);
+        lo = std::min(lo, n);
+        hi = std::max(hi, n);
     }
-    return out;
+    return { std::min(lo, hi), hi };
 }
 
 // The ubatch's K into an I8 mirror (a: [kv_size, n_head*(d + 1), n_stream]), quantized per cell
@@ -141,7 +145,10 @@ llm_graph_input_sparq * llama_sparq_build_input(
     inp->generation = kv->sparq->generation;
     inp->n_kv       = mctx->get_n_kv();
     inp->use_op     = use_sparq(*kv->sparq, ubatch, cparams, inp->n_kv);
-    inp->n_plan     = inp->use_op && kv->sparq->n_ops > 0 ? longest_visible(*kv, ubatch, inp->n_kv) : inp->n_kv;
+    inp->n_plan     = inp->n_plan_min = inp->n_kv;
+    if (inp->use_op && kv->sparq->n_ops > 0) {
+        std::tie(inp->n_plan_min, inp->n_plan) = visible_range(*kv, ubatch, inp->n_kv);
+    }
 
     inp->n_tokens   = ubatch.n_tokens;
 
@@ -182,12 +189,13 @@ bool llm_graph_input_sparq::can_reuse(const llm_graph_params & params) {
         return false;
     }
     if (use_op && st->n_ops > 0) {
-        // the portable graph's k follows the longest sequence: a new graph when k or l changes
-        const int64_t plan = longest_visible(*cache_internals::kv(m), params.ubatch, n_kv);
+        // the portable graph's k follows the longest sequence: a new graph when k or l changes,
+        // or when whether the shortest sees k cells does
+        const auto [lo, hi] = visible_range(*cache_internals::kv(m), params.ubatch, n_kv);
         for (const auto & li : layers) {
             if (!li.fused) {
-                const llama_sparq_layer_cfg c = llama_sparq_resolve(st->params, li.d, plan, &li.bytes);
-                if (c.k != li.cfg.k || c.l != li.cfg.l) {
+                const llama_sparq_layer_cfg c = llama_sparq_resolve(st->params, li.d, hi, &li.bytes);
+                if (c.k != li.cfg.k || c.l != li.cfg.l || (lo >= c.k) != (n_plan_min >= c.k)) {
                     return false;
                 }
             }
@@ -282,18 +290,14 @@ void llm_graph_input_sparq::set_input(const llama_ubatch * ubatch) {
     }
 }
 
-// The bias of stream s for window l (ggml_sparq_window_bias), built once per graph and shared by
-// the layers.
-static ggml_tensor * window_bias(ggml_context * ctx0, llm_graph_input_sparq * inp, ggml_tensor * kq_mask, int64_t s, int32_t l) {
-    auto it = inp->bias.find({ s, l });
-    if (it != inp->bias.end()) {
-        return it->second;
+// The bias for window l (ggml_sparq_window_bias) of every stream, built once per graph and shared
+// by the layers.
+static ggml_tensor * window_bias(ggml_context * ctx0, llm_graph_input_sparq * inp, ggml_tensor * kq_mask, int32_t l) {
+    ggml_tensor *& b = inp->bias[l];
+    if (b == nullptr) {
+        const int64_t n_kv = kq_mask->ne[0], T = kq_mask->ne[1], ns = kq_mask->ne[3];
+        b = ggml_sparq_window_bias(ctx0, kq_mask, ggml_reshape_4d(ctx0, inp->vis_rank, n_kv, T, 1, ns), l);
     }
-    const int64_t n_kv = kq_mask->ne[0], T = kq_mask->ne[1];
-    ggml_tensor * m  = ggml_view_2d(ctx0, kq_mask, n_kv, T, kq_mask->nb[1], s*kq_mask->nb[3]);
-    ggml_tensor * rk = ggml_view_2d(ctx0, inp->vis_rank, n_kv, T, inp->vis_rank->nb[1], s*T*inp->vis_rank->nb[1]);
-    ggml_tensor * b  = ggml_sparq_window_bias(ctx0, m, rk, l);
-    inp->bias[{ s, l }] = b;
     return b;
 }
 
@@ -391,22 +395,17 @@ ggml_tensor * llama_sparq_build_attn(
         return ggml_reshape_2d(ctx0, cur, cur->ne[0]*cur->ne[1], cur->ne[2]*cur->ne[3]);
     }
 
-    // the portable graph, one stream at a time
-    const int64_t G = q->ne[1]/n_head_kv, T = n_tokens/ns;
-    ggml_tensor * out = nullptr;
-    for (int64_t s = 0; s < ns; ++s) {
-        ggml_tensor * qs = ggml_view_4d(ctx0, q, d, G, n_head_kv, T, q->nb[1], G*q->nb[1], q->nb[2], s*T*q->nb[2]);
-        ggml_tensor * kts = ggml_view_3d(ctx0, kt4, n_kv, d, n_head_kv, kt4->nb[1], kt4->nb[2], s*kt4->nb[3]);
-        ggml_tensor * ks = ggml_view_3d(ctx0, k4, k4->ne[0], n_kv, n_head_kv, k4->nb[1], k4->nb[2], s*k4->nb[3]);
-        ggml_tensor * vs = ggml_view_3d(ctx0, v4, v4->ne[0], n_kv, n_head_kv, v4->nb[1], v4->nb[2], s*v4->nb[3]);
-        ggml_tensor * vm = nullptr;
-        if (vmean != nullptr) {
-            vm = ggml_view_4d(ctx0, vmean, vmean->ne[0], 1, T, n_head_kv, vmean->nb[1], vmean->nb[2], vmean->nb[1], s*vmean->nb[3]);
-            vm = ggml_cont(ctx0, vm);                                                   // [Dv, 1, T, Hkv]
-        }
-        ggml_tensor * bias = window_bias(ctx0, inp, kq_mask, s, cfg.l);
-        ggml_tensor * y = ggml_sparq_attn_ops(ctx0, qs, ks, kts, vs, vm, bias, sinks, kq_scale, cfg.r, cfg.k, flags);
-        out = out == nullptr ? y : ggml_concat(ctx0, out, y, 1);
+    // the portable graph: one k for every query of the ubatch; where every query sees k cells,
+    // no hidden one can be chosen
+    if (inp->n_plan_min >= cfg.k) {
+        flags |= GGML_SPARQ_ALL_SEE_K;
     }
-    return out;
+    flags |= st.ops_flags[ikv];
+    if (kq_mask->type != GGML_TYPE_F16 && inp->mask_f16 == nullptr) {
+        inp->mask_f16 = ggml_cast(ctx0, kq_mask, GGML_TYPE_F16);
+    }
+    ggml_tensor * mask = kq_mask->type == GGML_TYPE_F16 ? kq_mask : inp->mask_f16;
+    ggml_tensor * cur = ggml_sparq_attn_ops(ctx0, q4, k4, kt4, v4, vmean, mask, window_bias(ctx0, inp, kq_mask, cfg.l),
+                                            sinks, kq_scale, cfg.r, cfg.k, flags);
+    return ggml_reshape_2d(ctx0, cur, cur->ne[0]*cur->ne[1], cur->ne[2]*cur->ne[3]);
 }

@@ -113,6 +113,7 @@ struct llama_sparq_kv {
                                      // components then their exponents (ggml_sparq_attn's I8 K^T)
     std::vector<size_t> vsum_off;    // offset of the layer's V sum in a sequence's sum vector
     std::vector<bool> ops;           // the layer runs the portable graph (else the fused op)
+    std::vector<int32_t> ops_flags;  // its portable graph's ggml_sparq_flags for the backend (GATHER, MUL_MAT)
     int32_t n_eligible = 0;
     int32_t n_ops      = 0;          // layers with ops[ikv]
     size_t  vsum_size  = 0;

@@ -270,6 +270,27 @@ static bool layer_has_fused_op(const llama_kv_cache & kv, size_t ikv, ggml_type 
     return ggml_backend_dev_supports_op(layer_device(kv, ikv), op);
 }
 
+// The portable graph's choices for the backend of layer ikv: how it attends to its chosen rows,
+// gathered (get_rows, then flash attention over k rows) or in place under a sparse mask (flash
+// attention over the cache, the chosen cells finite; LLAMA_SPARQ_OPS_ATTEND=gather|mask
+// overrides), and whether it has out_prod.
+static int32_t ops_flags(const llama_kv_cache & kv, size_t ikv) {
+    bool gather = true;
+    if (const char * env = getenv("LLAMA_SPARQ_OPS_ATTEND")) {
+        if (strcmp(env, "gather") == 0 || strcmp(env, "mask") == 0) {
+            gather = strcmp(env, "gather") == 0;
+        } else {
+            LLAMA_LOG_WARN("%s: LLAMA_SPARQ_OPS_ATTEND=%s ignored (gather or mask)\n", __func__, env);
+        }
+    }
+    ggml_init_params ip = { 4*ggml_tensor_overhead(), nullptr, true };
+    ggml_context_ptr ctx(ggml_init(ip));
+    ggml_tensor * a = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, 256, 8);
+    ggml_tensor * b = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, 4, 8);
+    const bool out_prod = ggml_backend_dev_supports_op(layer_device(kv, ikv), ggml_out_prod(ctx.get(), a, b));
+    return (gather ? GGML_SPARQ_GATHER : 0) | (out_prod ? 0 : GGML_SPARQ_MUL_MAT);
+}
+
 static int32_t sparq_validate(const llama_sparq_params & p, const llama_kv_cache * kv) {
     if (p.k < 0) {
         return LLAMA_SPARQ_ERR_K;
@@ -577,6 +598,10 @@ int32_t llama_sparq_set(struct llama_context * ctx, const struct llama_sparq_par
 
     st.ops = ops;
     st.n_ops = (int32_t) std::count(ops.begin(), ops.end(), true);
+    st.ops_flags.assign(ops.size(), 0);
+    for (size_t ikv = 0; ikv < ops.size(); ++ikv) {
+        st.ops_flags[ikv] = ops[ikv] ? ops_flags(*kv, ikv) : 0;
+    }
 
     const bool realloc = sparq_realloc(*params, *kv);
     if (realloc && !st.realloc) {

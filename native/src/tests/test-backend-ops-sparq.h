@@ -130,8 +130,8 @@ struct test_sparq_attn : public test_case {
 };
 
 // ggml_sparq_attn_ops (sparq-cpp): the portable SparQ graph of standard ops, compared whole (its
-// top-k indices come in no particular order) between a backend and the CPU. One stream, shapes
-// of the cache: K rows of cells, K^T made from K in the graph; each query row sees a prefix of
+// top-k indices come in no particular order) between a backend and the CPU. Shapes of the cache
+// (ns streams): K rows of cells, K^T made from K in the graph; each query row sees a prefix of
 // its own length with holes, its local window from the visible ranks (ggml_sparq_window_bias).
 // The cases choose k = l (the local window is the selection), so that no near-tie of two
 // approximate scores, rounded differently on two backends, can change which rows are read:
@@ -142,6 +142,7 @@ struct test_sparq_attn_ops : public test_case {
     const int32_t r, k_top, l, flags;
     const ggml_type type_KV;
     const bool sinks;
+    const int64_t ns;
 
     std::string op_desc(ggml_tensor * t) override {
         GGML_UNUSED(t);
@@ -149,7 +150,7 @@ struct test_sparq_attn_ops : public test_case {
     }
 
     std::string vars() override {
-        return VARS_TO_STR11(hs, nh, G, kv, nb, r, k_top, l, flags, type_KV, sinks);
+        return VARS_TO_STR12(hs, nh, G, kv, nb, r, k_top, l, flags, type_KV, sinks, ns);
     }
 
     double max_nmse_err() override {
@@ -160,27 +161,29 @@ struct test_sparq_attn_ops : public test_case {
 
     test_sparq_attn_ops(int64_t hs = 64, int64_t nh = 3, int64_t G = 3, int64_t kv = 2048, int64_t nb = 1,
                         int32_t r = 8, int32_t k_top = 128, int32_t l = 32, int32_t flags = 0, ggml_type type_KV = GGML_TYPE_F16,
-                        bool sinks = false)
-        : hs(hs), nh(nh), G(G), kv(kv), nb(nb), r(r), k_top(k_top), l(l), flags(flags), type_KV(type_KV), sinks(sinks) {}
+                        bool sinks = false, int64_t ns = 1)
+        : hs(hs), nh(nh), G(G), kv(kv), nb(nb), r(r), k_top(k_top), l(l), flags(flags), type_KV(type_KV), sinks(sinks), ns(ns) {}
 
     ggml_tensor * build_graph(ggml_context * ctx) override {
-        ggml_tensor * q = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hs, G, nh, nb);
+        // as libllama: q [D, n_head, n_tokens] viewed per stream and permuted to [D, nb, n_head, ns]
+        ggml_tensor * q = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hs, nh*G, nb, ns);
         ggml_set_name(q, "q");
-        ggml_tensor * k = ggml_new_tensor_3d(ctx, type_KV, hs, kv, nh);
+        q = ggml_permute(ctx, q, 0, 2, 1, 3);
+        ggml_tensor * k = ggml_new_tensor_4d(ctx, type_KV, hs, kv, nh, ns);
         ggml_set_name(k, "k");
         ggml_tensor * kt = ggml_is_quantized(type_KV)
-            ? ggml_cast(ctx, ggml_transpose(ctx, ggml_cpy(ctx, k, ggml_new_tensor(ctx, GGML_TYPE_F32, 3, k->ne))), GGML_TYPE_F16)
+            ? ggml_cast(ctx, ggml_transpose(ctx, ggml_cpy(ctx, k, ggml_new_tensor(ctx, GGML_TYPE_F32, 4, k->ne))), GGML_TYPE_F16)
             : ggml_cont(ctx, ggml_transpose(ctx, k));
-        ggml_tensor * v = ggml_new_tensor_3d(ctx, type_KV, hs, kv, nh);
+        ggml_tensor * v = ggml_new_tensor_4d(ctx, type_KV, hs, kv, nh, ns);
         ggml_set_name(v, "v");
         ggml_tensor * vm = nullptr;
         if (flags & GGML_SPARQ_REALLOC) {
-            vm = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hs, 1, nb, nh);
+            vm = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hs, nh, nb, ns);
             ggml_set_name(vm, "vm");
         }
-        ggml_tensor * m = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, kv, nb);
+        ggml_tensor * m = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, kv, nb, 1, ns);
         ggml_set_name(m, "m");
-        ggml_tensor * rank = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kv, nb);
+        ggml_tensor * rank = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, kv, nb, 1, ns);
         ggml_set_name(rank, "rank");
         ggml_tensor * bias = ggml_sparq_window_bias(ctx, m, rank, l);
         ggml_tensor * s = nullptr;
@@ -188,17 +191,20 @@ struct test_sparq_attn_ops : public test_case {
             s = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, nh*G);
             ggml_set_name(s, "sinks");
         }
-        ggml_tensor * out = ggml_sparq_attn_ops(ctx, q, k, kt, v, vm, bias, s, 1.0f/sqrtf(hs), r, k_top, flags);
+        ggml_tensor * out = ggml_sparq_attn_ops(ctx, q, k, kt, v, vm, m, bias, s, 1.0f/sqrtf(hs), r, k_top, flags);
         ggml_set_name(out, "out");
         return out;
     }
 
     void initialize_tensors(ggml_context * ctx) override {
         std::mt19937 gen(4321 + kv + 7*nb + hs);
-        std::vector<float> m(kv*nb), rank(kv*nb);
-        std::uniform_int_distribution<int64_t> len(std::min<int64_t>(2*k_top, kv), kv);
+        std::vector<float> m(kv*nb*ns), rank(kv*nb*ns);
+        // every row sees at least k cells where the case says so, else some see fewer
+        const int64_t lo = (flags & GGML_SPARQ_ALL_SEE_K) ? std::min<int64_t>(2*k_top, kv) : std::max<int64_t>(1, k_top/2);
+        GGML_ASSERT(!(flags & GGML_SPARQ_ALL_SEE_K) || 2*k_top <= kv);
+        std::uniform_int_distribution<int64_t> len(lo, kv);
         std::uniform_real_distribution<float> u(0.0f, 1.0f);
-        for (int64_t row = 0; row < nb; ++row) {
+        for (int64_t row = 0; row < nb*ns; ++row) {
             const int64_t n = row == 0 ? kv : len(gen);
             float rk = 0.0f;
             for (int64_t i = kv - 1; i >= 0; --i) {
@@ -222,7 +228,7 @@ struct test_sparq_attn_ops : public test_case {
                 std::vector<float> qd(ggml_nelements(t));
                 ggml_backend_tensor_get(t, qd.data(), 0, qd.size()*sizeof(float));
                 std::vector<int64_t> comps(hs);
-                for (int64_t grp = 0; grp < nb*nh; ++grp) {
+                for (int64_t grp = 0; grp < ns*nb*nh; ++grp) {
                     std::iota(comps.begin(), comps.end(), 0);
                     std::shuffle(comps.begin(), comps.end(), gen);
                     for (int64_t g = 0; g < G; ++g) {
@@ -295,21 +301,28 @@ static void sparq_make_test_cases(std::vector<std::unique_ptr<test_case>> & test
 
     // the portable graph at the shapes of the two models of the tests: SmolLM2-135M
     // (head size 64, 3 KV heads of 3 query heads) and Gemma 3 270M (256, 1 of 4), compression
-    // 1/8 (r = d/8, k = n_kv/16, l = k/4) at 2048 and 8192 cells, for 1 and 4 sequences
-    for (ggml_type type_KV : { GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_F32 }) {
-        for (int64_t kv : { 2048, 8192 }) {
-            for (int64_t nb : { 1, 4 }) {
-                const int32_t k_top = (int32_t) kv/16;
-                test_cases.emplace_back(new test_sparq_attn_ops(64, 3, 3, kv, nb, 8, k_top, k_top, GGML_SPARQ_REALLOC, type_KV));
-                test_cases.emplace_back(new test_sparq_attn_ops(256, 1, 4, kv, nb, 32, k_top, k_top, GGML_SPARQ_REALLOC, type_KV));
+    // 1/8 (r = d/8, k = n_kv/16, l = k/4) at 2048 and 8192 cells, one query (it sees every cell)
+    // and 4 (some see fewer than k), attending under a sparse mask and over gathered rows
+    for (int32_t attend : { 0, (int) GGML_SPARQ_GATHER }) {
+        for (ggml_type type_KV : { GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_F32 }) {
+            for (int64_t kv : { 2048, 8192 }) {
+                for (int64_t nb : { 1, 4 }) {
+                    const int32_t k_top = (int32_t) kv/16;
+                    const int32_t flags = GGML_SPARQ_REALLOC | attend | (nb == 1 ? (int) GGML_SPARQ_ALL_SEE_K : 0);
+                    test_cases.emplace_back(new test_sparq_attn_ops(64, 3, 3, kv, nb, 8, k_top, k_top, flags, type_KV));
+                    test_cases.emplace_back(new test_sparq_attn_ops(256, 1, 4, kv, nb, 32, k_top, k_top, flags, type_KV));
+                }
             }
         }
+        test_cases.emplace_back(new test_sparq_attn_ops(64, 3, 3, 2048, 2, 8, 128, 128, attend));
+        test_cases.emplace_back(new test_sparq_attn_ops(64, 3, 3, 2048, 2, 8, 128, 128, attend | GGML_SPARQ_REALLOC | GGML_SPARQ_NO_TAU));
+        test_cases.emplace_back(new test_sparq_attn_ops(64, 2, 1, 1024, 3, 64, 1024, 0, attend | GGML_SPARQ_REALLOC)); // k = n_kv, r = d
+        test_cases.emplace_back(new test_sparq_attn_ops(64, 3, 3, 2304, 1, 8, 128, 32, attend | GGML_SPARQ_ALL_SEE_K)); // smollm2 at 2049 cells
     }
-    test_cases.emplace_back(new test_sparq_attn_ops(64, 3, 3, 2048, 2, 8, 128, 128, 0));
-    test_cases.emplace_back(new test_sparq_attn_ops(64, 3, 3, 2048, 2, 8, 128, 128, GGML_SPARQ_REALLOC | GGML_SPARQ_NO_TAU));
-    test_cases.emplace_back(new test_sparq_attn_ops(64, 2, 1, 1024, 3, 64, 1024, 0, GGML_SPARQ_REALLOC)); // k = n_kv, r = d
     for (int32_t flags : { 0, (int) GGML_SPARQ_REALLOC }) {  // learned attention sinks (gpt-oss's shape)
         test_cases.emplace_back(new test_sparq_attn_ops(64, 2, 8, 2048, 2, 8, 128, 128, flags, GGML_TYPE_F16, true));
+        test_cases.emplace_back(new test_sparq_attn_ops(64, 1, 8, 2048, 1, 8, 128, 128, flags | GGML_SPARQ_GATHER | GGML_SPARQ_ALL_SEE_K,
+                                                        GGML_TYPE_F16, true));
     }
     // the ops it uses, at those shapes: top-k over the cells and over the components, rows of
     // the mirror, of K and of V gathered

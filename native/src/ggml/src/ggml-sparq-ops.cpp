@@ -1,9 +1,10 @@
 // sparq-cpp: SparQ attention built from standard ggml ops (the "portable graph"), for backends
 // without a GGML_OP_SPARQ_ATTN kernel: every op here (top_k, get_rows, mul_mat, soft_max,
-// sum_rows, ...) exists on CPU, CUDA, Vulkan and Metal. Same steps and semantics as the fused op
-// (docs/sparq.md); what differs is where ties among equal scores go and the float rounding.
-// Each step reads only what SparQ reads: r rows of the K^T mirror (step 2), and the k chosen rows
-// of K and V, gathered before the attention (step 5), so the bytes read fall with the budget.
+// flash_attn_ext, ...) exists on CPU, CUDA, Vulkan and Metal. Same steps and semantics as the
+// fused op (docs/sparq.md); what differs is where ties among equal scores go and the float
+// rounding. Three stages, as the engines that run sparse decoding on GPUs have them: score (r
+// rows of the K^T mirror), select (top_k), attend (flash attention over the k chosen rows, either
+// gathered or under a sparse mask that backends with a sparse flash attention read row by row).
 #include "ggml.h"
 #include "ggml-impl.h"
 
@@ -41,31 +42,155 @@ struct ggml_tensor * ggml_sparq_window_bias(
     return ggml_add(ctx, m, ggml_scale(ctx, w, GGML_SPARQ_WINDOW_BONUS));
 }
 
-// the mask part of a bias (or of gathered scores): 0 where >= 0, -GGML_SPARQ_WINDOW_BONUS where
-// -INF (a clamp to [-1, 0], scaled back up), so that the window bonus itself never reaches a softmax
-static ggml_tensor * mask_of(ggml_context * ctx, ggml_tensor * x) {
-    return ggml_scale(ctx, ggml_clamp(ctx, x, -1.0f, 0.0f), GGML_SPARQ_WINDOW_BONUS);
-}
-
 // [a, b, c, d] -> [b, a, c, d], contiguous
 static ggml_tensor * swap01(ggml_context * ctx, ggml_tensor * x) {
     return ggml_cont(ctx, ggml_permute(ctx, x, 1, 0, 2, 3));
 }
 
-// softmax over the rows of x [n, G, T, Hkv] with, where sinks [G*Hkv] is given, one more logit
-// per head (a learned attention sink: weight in the denominator, no value row): the weights of
-// x's n entries, contiguous, and in *sink_w (if asked) the sink's own weight [1, G, T, Hkv]
-static ggml_tensor * soft_max_sinks(ggml_context * ctx, ggml_tensor * x, ggml_tensor * sinks, ggml_tensor ** sink_w) {
-    if (sinks == nullptr) {
-        return ggml_soft_max(ctx, x);
+// x contiguous in the shape [a, b, c, d]: no node where it is already, else a copy
+static ggml_tensor * as_4d(ggml_context * ctx, ggml_tensor * x, int64_t a, int64_t b, int64_t c, int64_t d) {
+    return ggml_is_contiguous(x) ? ggml_reshape_4d(ctx, x, a, b, c, d) : ggml_cont_4d(ctx, x, a, b, c, d);
+}
+
+static ggml_tensor * filled(ggml_context * ctx, ggml_type type, int64_t a, int64_t b, int64_t c, int64_t d, float x) {
+    return ggml_fill_inplace(ctx, ggml_new_tensor_4d(ctx, type, a, b, c, d), x);
+}
+
+// x [a, b, c, d] summed over its dimension 1: [a, 1, c, d]
+static ggml_tensor * sum1(ggml_context * ctx, ggml_tensor * x, bool out_prod) {
+    const int64_t a = x->ne[0], b = x->ne[1], c = x->ne[2], d = x->ne[3];
+    if (a == 1) {
+        return ggml_sum_rows(ctx, as_4d(ctx, x, b, 1, c, d));
     }
-    const int64_t n = x->ne[0], G = x->ne[1], T = x->ne[2], Hkv = x->ne[3];
-    ggml_tensor * col = ggml_repeat_4d(ctx, ggml_reshape_4d(ctx, sinks, 1, G, 1, Hkv), 1, G, T, Hkv);
-    ggml_tensor * w = ggml_soft_max(ctx, ggml_concat(ctx, x, col, 0));               // [n + 1, G, T, Hkv]
-    if (sink_w != nullptr) {
-        *sink_w = ggml_cont(ctx, ggml_view_4d(ctx, w, 1, G, T, Hkv, w->nb[1], w->nb[2], w->nb[3], n*w->nb[0]));
+    if (out_prod) {
+        return ggml_out_prod(ctx, x, filled(ctx, GGML_TYPE_F32, 1, b, c, d, 1.0f));
     }
-    return ggml_cont(ctx, ggml_view_4d(ctx, w, n, G, T, Hkv, w->nb[1], w->nb[2], w->nb[3], 0));
+    return ggml_reshape_4d(ctx, ggml_sum_rows(ctx, swap01(ctx, x)), a, 1, c, d);
+}
+
+// One stream of ggml_sparq_attn_ops. Layouts: q [D, T, G, Hkv] (a view), k [D, n_kv, Hkv],
+// kt [n_kv, D, Hkv], v [Dv, n_kv, Hkv], vmean [Dv, 1, T, Hkv] (a view), mask [n_kv, T] F16,
+// bias [n_kv, T] F32. Returns [Dv, G*Hkv, T].
+static ggml_tensor * sparq_stream(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * kt,
+                                  ggml_tensor * v, ggml_tensor * vmean, ggml_tensor * mask, ggml_tensor * bias,
+                                  ggml_tensor * sinks, float scale, int32_t r, int32_t k_top, int32_t flags) {
+    const int64_t D = q->ne[0], T = q->ne[1], G = q->ne[2], Hkv = q->ne[3];
+    const int64_t n_kv = kt->ne[0], Dv = v->ne[0];
+    // sums over a dimension other than the first, and step 2's product over the r components,
+    // by out_prod where the backend has it (no transposed copies), else by mul_mat
+    const bool op = !(flags & GGML_SPARQ_MUL_MAT);
+
+    // score. i1: the top r components of the group's summed |q|; s_hat from r rows of the mirror
+    ggml_tensor * qg = G == 1 && T == 1 ? as_4d(ctx, q, 1, D, 1, Hkv)
+                                        : ggml_cont(ctx, ggml_permute(ctx, q, 1, 2, 0, 3)); // [G, D, T, Hkv]
+    ggml_tensor * aq = ggml_abs(ctx, qg);
+    ggml_tensor * qa = G > 1 ? ggml_sum_rows(ctx, aq) : aq;                          // [1, D, T, Hkv]
+    ggml_tensor * i1 = ggml_top_k(ctx, ggml_reshape_2d(ctx, qa, D, T*Hkv), r);       // [r, T*Hkv]
+    ggml_tensor * kr = ggml_get_rows(ctx, kt, ggml_reshape_2d(ctx, i1, (int64_t) r*T, Hkv));
+    kr = ggml_reshape_4d(ctx, kr, n_kv, r, T, Hkv);
+    ggml_tensor * qs = ggml_get_rows(ctx, qg, ggml_reshape_3d(ctx, i1, r, T, Hkv));  // [G, r, T, Hkv]
+    if (!(flags & GGML_SPARQ_NO_TAU)) {
+        // tau folded into q[i1]: divided by sqrt(|q[i1]|_1 / |q|_1) per head (the tiny term
+        // keeps a head whose chosen components are all 0 at 0, never NaN)
+        ggml_tensor * l1s = ggml_scale_bias(ctx, sum1(ctx, ggml_abs(ctx, qs), op), 1.0f, 1e-30f); // [G, 1, T, Hkv]
+        qs = ggml_div(ctx, qs, ggml_sqrt(ctx, ggml_div(ctx, l1s, sum1(ctx, aq, op))));
+    }
+    ggml_tensor * sh = op ? ggml_out_prod(ctx, kr, qs)                                // [n_kv, G, T, Hkv]
+                          : ggml_mul_mat(ctx, swap01(ctx, kr), G > 1 ? swap01(ctx, qs) : ggml_reshape_4d(ctx, qs, r, 1, T, Hkv));
+    // softmax per head over the cells: ggml's mask rows are dimension 1 and its sinks' heads
+    // dimension 2, so [n_kv, T, H] (no copy for one query)
+    const bool perm = T > 1 && G > 1;
+    if (perm) {
+        sh = ggml_cont(ctx, ggml_permute(ctx, sh, 0, 2, 1, 3));                      // [n_kv, T, G, Hkv]
+    }
+    sh = ggml_soft_max_ext(ctx, ggml_reshape_3d(ctx, sh, n_kv, T, G*Hkv), mask, scale, 0.0f);
+    ggml_soft_max_add_sinks(sh, sinks);
+    sh = ggml_reshape_4d(ctx, sh, n_kv, T, G, Hkv);
+    if (perm) {
+        sh = ggml_cont(ctx, ggml_permute(ctx, sh, 0, 2, 1, 3));
+    }
+    sh = ggml_reshape_4d(ctx, sh, n_kv, G, T, Hkv);                                  // s_hat
+
+    // select. i2: the top k of the group's summed s_hat, the local window forced in by the bias
+    ggml_tensor * gs = G > 1 ? sum1(ctx, sh, op) : sh;                                // [n_kv, 1, T, Hkv]
+    gs = ggml_add(ctx, ggml_reshape_3d(ctx, gs, n_kv, T, Hkv), bias);
+    ggml_tensor * i2 = ggml_top_k(ctx, gs, k_top);                                    // [k, T, Hkv]
+
+    // attend: flash attention over the k chosen rows of each KV head, the heads of a group as
+    // its query heads and the KV heads as ggml's streams (one mask for all heads of a stream)
+    ggml_tensor * y = nullptr;                                                        // [Dv, G, T, Hkv]
+    if ((flags & GGML_SPARQ_GATHER) && (sinks == nullptr || T*Hkv == 1)) {  // ggml's sinks: per head of a stream
+        // the chosen rows gathered, a stream per KV head and query
+        ggml_tensor * i2r = ggml_reshape_2d(ctx, i2, (int64_t) k_top*T, Hkv);
+        ggml_tensor * ks = ggml_reshape_4d(ctx, ggml_get_rows(ctx, k, i2r), D,  k_top, 1, T*Hkv);
+        ggml_tensor * vs = ggml_reshape_4d(ctx, ggml_get_rows(ctx, v, i2r), Dv, k_top, 1, T*Hkv);
+        ggml_tensor * qf = T == 1 ? as_4d(ctx, q, D, 1, G, Hkv)
+                                  : ggml_reshape_4d(ctx, ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3)), D, 1, G, T*Hkv);
+        ggml_tensor * ms = nullptr;
+        if (!(flags & GGML_SPARQ_ALL_SEE_K)) {
+            // a query that sees fewer than k cells gathered hidden ones: mask them
+            ms = ggml_get_rows(ctx, ggml_reshape_4d(ctx, gs, 1, n_kv, T, Hkv), i2);  // [1, k, T, Hkv]
+            ms = ggml_scale(ctx, ggml_clamp(ctx, ms, -1.0f, 0.0f), GGML_SPARQ_WINDOW_BONUS);
+            ms = ggml_cast(ctx, ggml_reshape_4d(ctx, ms, k_top, 1, 1, T*Hkv), GGML_TYPE_F16);
+        }
+        ggml_tensor * fa = ggml_flash_attn_ext(ctx, qf, ks, vs, ms, scale, 0.0f, 0.0f);
+        ggml_prec_set_acc(fa, GGML_PREC_F32);
+        ggml_flash_attn_ext_add_sinks(fa, sinks);
+        y = ggml_reshape_4d(ctx, fa, Dv, G, T, Hkv);
+    } else {
+        // the whole cache under a mask whose finite cells are the chosen rows (backends with a
+        // sparse flash attention read only those)
+        ggml_tensor * m = ggml_fill_inplace(ctx, ggml_new_tensor_4d(ctx, GGML_TYPE_F16, 1, n_kv, T, Hkv), -INFINITY);
+        ggml_tensor * z = ggml_fill_inplace(ctx, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, k_top, T, Hkv), 0.0f);
+        m = ggml_reshape_4d(ctx, ggml_set_rows(ctx, m, z, i2), n_kv, T, 1, Hkv);
+        if (!(flags & GGML_SPARQ_ALL_SEE_K)) {
+            m = ggml_add(ctx, m, mask);                                               // a chosen cell it cannot see
+        }
+        ggml_tensor * kh = ggml_view_4d(ctx, k, D,  n_kv, 1, Hkv, k->nb[1], k->nb[2], k->nb[2], 0);
+        ggml_tensor * vh = ggml_view_4d(ctx, v, Dv, n_kv, 1, Hkv, v->nb[1], v->nb[2], v->nb[2], 0);
+        if (sinks == nullptr || Hkv == 1) {
+            y = ggml_flash_attn_ext(ctx, q, kh, vh, m, scale, 0.0f, 0.0f);
+            ggml_prec_set_acc(y, GGML_PREC_F32);
+            ggml_flash_attn_ext_set_n_kv_max(y, k_top);
+            ggml_flash_attn_ext_add_sinks(y, sinks);
+        } else {
+            // ggml's sinks are per head of a stream: one flash attention per KV head
+            for (int64_t h = 0; h < Hkv; ++h) {
+                ggml_tensor * fa = ggml_flash_attn_ext(ctx,
+                    ggml_view_4d(ctx, q,  D,    T, G, 1, q->nb[1],  q->nb[2],  q->nb[3],  h*q->nb[3]),
+                    ggml_view_4d(ctx, kh, D, n_kv, 1, 1, kh->nb[1], kh->nb[2], kh->nb[3], h*kh->nb[3]),
+                    ggml_view_4d(ctx, vh, Dv, n_kv, 1, 1, vh->nb[1], vh->nb[2], vh->nb[3], h*vh->nb[3]),
+                    ggml_view_4d(ctx, m,  n_kv, T, 1, 1, m->nb[1],  m->nb[2],  m->nb[3],  h*m->nb[3]),
+                    scale, 0.0f, 0.0f);
+                ggml_prec_set_acc(fa, GGML_PREC_F32);
+                ggml_flash_attn_ext_set_n_kv_max(fa, k_top);
+                ggml_flash_attn_ext_add_sinks(fa, ggml_view_1d(ctx, sinks, G, h*G*sinks->nb[0]));
+                y = y == nullptr ? fa : ggml_concat(ctx, y, fa, 3);
+            }
+        }
+    }
+
+    // mix: alpha = s_hat summed over the chosen rows (and the sink, always chosen), per head;
+    // y = vmean + alpha (y - vmean)
+    if (vmean != nullptr) {
+        ggml_tensor * alpha;                                                          // [1, G, T, Hkv]
+        if (G > 1) {
+            // the chosen cells' indicator times s_hat
+            ggml_tensor * ind = filled(ctx, GGML_TYPE_F32, 1, n_kv, T, Hkv, 0.0f);
+            ind = ggml_set_rows(ctx, ind, filled(ctx, GGML_TYPE_F32, 1, k_top, T, Hkv, 1.0f), i2);
+            alpha = ggml_mul_mat(ctx, ggml_reshape_4d(ctx, ind, n_kv, 1, T, Hkv), sh);
+        } else {
+            alpha = ggml_get_rows(ctx, ggml_reshape_4d(ctx, sh, 1, n_kv, T, Hkv), i2);
+            alpha = ggml_sum_rows(ctx, ggml_reshape_4d(ctx, alpha, k_top, 1, T, Hkv));
+        }
+        if (sinks != nullptr) {
+            // the sink's s_hat: 1 - the cells' sum
+            alpha = ggml_scale_bias(ctx, ggml_sub(ctx, alpha, ggml_sum_rows(ctx, sh)), 1.0f, 1.0f);
+        }
+        y = ggml_add(ctx, ggml_mul(ctx, ggml_sub(ctx, y, vmean), alpha), vmean);
+    }
+    return T == 1 ? ggml_reshape_3d(ctx, y, Dv, G*Hkv, 1)
+                  : ggml_reshape_3d(ctx, ggml_cont(ctx, ggml_permute(ctx, y, 0, 1, 3, 2)), Dv, G*Hkv, T);
 }
 
 struct ggml_tensor * ggml_sparq_attn_ops(
@@ -75,75 +200,41 @@ struct ggml_tensor * ggml_sparq_attn_ops(
         struct ggml_tensor  * kt,
         struct ggml_tensor  * v,
         struct ggml_tensor  * vmean,
+        struct ggml_tensor  * mask,
         struct ggml_tensor  * bias,
         struct ggml_tensor  * sinks,
         float                 scale,
         int32_t               r,
         int32_t               k_top,
         int32_t               flags) {
-    const int64_t D = q->ne[0], G = q->ne[1], Hkv = q->ne[2], T = q->ne[3];
-    const int64_t n_kv = kt->ne[0], Dv = v->ne[0];
-    GGML_ASSERT(q->type == GGML_TYPE_F32 && bias->type == GGML_TYPE_F32);
-    GGML_ASSERT(k->ne[0] == D && k->ne[1] == n_kv && k->ne[2] == Hkv && k->ne[3] == 1);
-    GGML_ASSERT(kt->ne[1] == D && kt->ne[2] == Hkv && kt->ne[3] == 1);
-    GGML_ASSERT(v->ne[1] == n_kv && v->ne[2] == Hkv && v->ne[3] == 1);
-    GGML_ASSERT(bias->ne[0] == n_kv && bias->ne[1] == T && ggml_is_contiguous(bias));
+    const int64_t D = q->ne[0], T = q->ne[1], H = q->ne[2], ns = q->ne[3];
+    const int64_t n_kv = k->ne[1], Hkv = k->ne[2], Dv = v->ne[0], G = H/Hkv;
+    GGML_ASSERT(q->type == GGML_TYPE_F32 && H % Hkv == 0 && k->ne[0] == D && k->ne[3] == ns);
+    GGML_ASSERT((kt->type == GGML_TYPE_F16 || kt->type == GGML_TYPE_F32) && kt->ne[0] == n_kv && kt->ne[1] >= D && kt->ne[2] == Hkv && kt->ne[3] == ns);
+    GGML_ASSERT(v->ne[1] == n_kv && v->ne[2] == Hkv && v->ne[3] == ns);
+    GGML_ASSERT(mask->type == GGML_TYPE_F16 && mask->ne[0] == n_kv && mask->ne[1] == T && mask->ne[2] == 1 && mask->ne[3] == ns);
+    GGML_ASSERT(bias->type == GGML_TYPE_F32 && ggml_are_same_shape(bias, mask) && ggml_is_contiguous(bias));
     GGML_ASSERT(r >= 1 && r <= D && k_top >= 1 && k_top <= n_kv);
     GGML_ASSERT((vmean != nullptr) == ((flags & GGML_SPARQ_REALLOC) != 0));
-    GGML_ASSERT(sinks == nullptr || (sinks->type == GGML_TYPE_F32 && ggml_nelements(sinks) == G*Hkv && ggml_is_contiguous(sinks)));
+    GGML_ASSERT(vmean == nullptr || (vmean->type == GGML_TYPE_F32 && vmean->ne[0] == Dv && vmean->ne[1] == Hkv && vmean->ne[2] == T && vmean->ne[3] == ns));
+    GGML_ASSERT(sinks == nullptr || (sinks->type == GGML_TYPE_F32 && ggml_nelements(sinks) == H && ggml_is_contiguous(sinks)));
 
-    // step 1: i1 = the top-r components of the group's summed |q| [r, T, Hkv]
-    ggml_tensor * qg = ggml_cont(ctx, ggml_permute(ctx, q, 1, 0, 3, 2));            // [G, D, T, Hkv]
-    ggml_tensor * qa = ggml_sum_rows(ctx, ggml_abs(ctx, qg));                        // [1, D, T, Hkv]
-    ggml_tensor * i1 = ggml_top_k(ctx, ggml_reshape_2d(ctx, qa, D, T*Hkv), r);       // [r, T*Hkv]
-    ggml_tensor * qs = swap01(ctx, ggml_get_rows(ctx, qg, ggml_reshape_3d(ctx, i1, r, T, Hkv))); // [r, G, T, Hkv]
-    ggml_tensor * qp = ggml_cont(ctx, ggml_permute(ctx, q, 0, 1, 3, 2));            // [D, G, T, Hkv]
-
-    // step 2: approximate scores from r rows of the mirror, scaled by tau, masked; softmax
-    ggml_tensor * kr = ggml_get_rows(ctx, kt, ggml_reshape_2d(ctx, i1, (int64_t) r*T, Hkv)); // [n_kv, r*T, Hkv]
-    kr = swap01(ctx, ggml_reshape_4d(ctx, kr, n_kv, r, T, Hkv));                     // [r, n_kv, T, Hkv]
-    ggml_tensor * sh = ggml_mul_mat(ctx, kr, qs);                                    // [n_kv, G, T, Hkv]
-    if (flags & GGML_SPARQ_NO_TAU) {
-        sh = ggml_scale(ctx, sh, scale);
-    } else {
-        // scale / sqrt(|q[i1]|_1 / |q|_1) per head; the tiny bias gives an all-zero q the ratio 1
-        ggml_tensor * l1  = ggml_scale_bias(ctx, ggml_sum_rows(ctx, ggml_abs(ctx, qp)), 1.0f, 1e-30f);
-        ggml_tensor * l1s = ggml_scale_bias(ctx, ggml_sum_rows(ctx, ggml_abs(ctx, qs)), 1.0f, 1e-30f);
-        sh = ggml_mul(ctx, sh, ggml_scale(ctx, ggml_sqrt(ctx, ggml_div(ctx, l1, l1s)), scale)); // tau: [1, G, T, Hkv]
-    }
-    ggml_tensor * sink_hat = nullptr;                                                 // the sink's s_hat
-    sh = soft_max_sinks(ctx, ggml_add(ctx, sh, mask_of(ctx, ggml_reshape_4d(ctx, bias, n_kv, 1, T, 1))), sinks,
-                        vmean != nullptr ? &sink_hat : nullptr);                      // s_hat
-
-    // step 3: i2 = the top k of the group's summed s_hat, the local window forced in by the bias
-    ggml_tensor * shg = G > 1 ? swap01(ctx, sh) : ggml_reshape_4d(ctx, sh, 1, n_kv, T, Hkv); // [G, n_kv, T, Hkv]
-    ggml_tensor * gs  = G > 1 ? ggml_sum_rows(ctx, shg) : shg;                        // [1, n_kv, T, Hkv]
-    gs = ggml_add(ctx, ggml_reshape_3d(ctx, gs, n_kv, T, Hkv), ggml_reshape_3d(ctx, bias, n_kv, T, 1));
-    ggml_tensor * i2 = ggml_top_k(ctx, gs, k_top);                                    // [k, T, Hkv]
-
-    // step 5: exact attention over the k gathered rows of K and V; a gathered cell the query
-    // cannot see (it sees fewer than k) is masked
-    ggml_tensor * i2r = ggml_reshape_2d(ctx, i2, (int64_t) k_top*T, Hkv);
-    ggml_tensor * ks = ggml_reshape_4d(ctx, ggml_get_rows(ctx, k, i2r), D,  k_top, T, Hkv);
-    ggml_tensor * vs = ggml_reshape_4d(ctx, ggml_get_rows(ctx, v, i2r), Dv, k_top, T, Hkv);
-    ggml_tensor * ms = ggml_get_rows(ctx, ggml_reshape_4d(ctx, gs, 1, n_kv, T, Hkv), i2);   // [1, k, T, Hkv]
-    ms = mask_of(ctx, ggml_reshape_4d(ctx, ms, k_top, 1, T, Hkv));
-    ggml_tensor * a = ggml_mul_mat(ctx, ks, qp);                                     // [k, G, T, Hkv]
-    a = soft_max_sinks(ctx, ggml_add(ctx, ggml_scale(ctx, a, scale), ms), sinks, nullptr);
-    ggml_tensor * y = ggml_mul_mat(ctx, swap01(ctx, vs), a);                          // [Dv, G, T, Hkv]
-
-    // steps 4 and 6: alpha = s_hat summed over the chosen rows (and the sink, always chosen), per
-    // head; y = vmean + alpha (y - vmean)
-    if (vmean != nullptr) {
-        ggml_tensor * sel = ggml_get_rows(ctx, shg, i2);                              // [G, k, T, Hkv]
-        ggml_tensor * alpha = ggml_sum_rows(ctx, G > 1 ? swap01(ctx, sel) : ggml_reshape_4d(ctx, sel, k_top, 1, T, Hkv));
-        if (sink_hat != nullptr) {
-            alpha = ggml_add(ctx, alpha, sink_hat);
+    ggml_tensor * out = nullptr;
+    for (int64_t s = 0; s < ns; ++s) {
+        ggml_tensor * qs = ggml_view_4d(ctx, q, D, T, G, Hkv, q->nb[1], q->nb[2], G*q->nb[2], s*q->nb[3]);
+        ggml_tensor * ks = ggml_view_3d(ctx, k, D, n_kv, Hkv, k->nb[1], k->nb[2], s*k->nb[3]);
+        ggml_tensor * kts = ggml_view_3d(ctx, kt, n_kv, D, Hkv, kt->nb[1], kt->nb[2], s*kt->nb[3]);
+        ggml_tensor * vs = ggml_view_3d(ctx, v, Dv, n_kv, Hkv, v->nb[1], v->nb[2], s*v->nb[3]);
+        ggml_tensor * ms = ggml_view_2d(ctx, mask, n_kv, T, mask->nb[1], s*mask->nb[3]);
+        ggml_tensor * bs = ggml_view_2d(ctx, bias, n_kv, T, bias->nb[1], s*bias->nb[3]);
+        ggml_tensor * vm = nullptr;
+        if (vmean != nullptr) {
+            vm = ggml_view_4d(ctx, vmean, Dv, 1, T, Hkv, vmean->nb[1], vmean->nb[2], vmean->nb[1], s*vmean->nb[3]);
         }
-        y = ggml_add(ctx, ggml_mul(ctx, ggml_sub(ctx, y, vmean), alpha), vmean);
+        ggml_tensor * y = sparq_stream(ctx, qs, ks, kts, vs, vm, ms, bs, sinks, scale, r, k_top, flags);
+        out = out == nullptr ? y : ggml_concat(ctx, out, y, 3);
     }
-    y = ggml_cont(ctx, ggml_permute(ctx, y, 0, 1, 3, 2));                            // [Dv, G, Hkv, T]
-    return ggml_reshape_2d(ctx, y, Dv*G*Hkv, T);
+    return out;
 }
 
 // The fused op's I8 K^T (ggml.h): one position's components share a power-of-two scale, so a new
