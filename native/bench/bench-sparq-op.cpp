@@ -107,6 +107,36 @@ struct Runner {
     }
 };
 
+// nodes of a graph that do work (views, reshapes and permutes do none): what a GPU launches
+int work_nodes(ggml_cgraph * gf) {
+    int n = 0;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        switch (ggml_graph_node(gf, i)->op) {
+            case GGML_OP_NONE: case GGML_OP_VIEW: case GGML_OP_RESHAPE: case GGML_OP_PERMUTE: case GGML_OP_TRANSPOSE: break;
+            default: ++n;
+        }
+    }
+    return n;
+}
+
+// SPARQ_BENCH_PROFILE=1: each node's own median time (its inputs as the whole graph left them), to stderr
+void profile_nodes(Runner & run, ggml_context * ctx, ggml_cgraph * gf, int reps, const char * name) {
+    if (getenv("SPARQ_BENCH_PROFILE") == nullptr) {
+        return;
+    }
+    run.median_ms(gf, 1);
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * t = ggml_graph_node(gf, i);
+        ggml_cgraph * one = ggml_new_graph_custom(ctx, 1, false);
+        ggml_graph_add_node(one, t);
+        const double ms = run.median_ms(one, reps);
+        if (ms > 0.002) {
+            fprintf(stderr, "%s %3d %-14s %-28s %8.4f ms  [%lld %lld %lld %lld]\n", name, i, ggml_op_desc(t), t->name, ms,
+                    (long long) t->ne[0], (long long) t->ne[1], (long long) t->ne[2], (long long) t->ne[3]);
+        }
+    }
+}
+
 void fill_f16(ggml_tensor * t, std::mt19937 & gen) {
     std::normal_distribution<float> nd(0.0f, 1.0f);
     const int64_t n = ggml_nelements(t);
@@ -199,6 +229,7 @@ int main(int argc, char ** argv) {
             const bool only_sparq = getenv("SPARQ_BENCH_ONLY_SPARQ") != nullptr;
             const double t_fa = only_sparq ? 0.0 : run.median_ms(g_fa, reps);
             const double t_mm = only_sparq ? 0.0 : run.median_ms(g_mm, reps);
+            profile_nodes(run, ctx, g_mm, reps, "dense-mul-mat");
             // mean reallocation as libllama defaults it: on for multi-head, off for grouped-query layers
             const bool realloc = dm.G == 1;
             ggml_tensor * kt_of[2] = { nullptr, nullptr };  // the F16 and the I8 K^T, made when first planned
@@ -240,13 +271,52 @@ int main(int argc, char ** argv) {
                 ggml_cgraph * g_sq = ggml_new_graph(ctx);
                 ggml_build_forward_expand(g_sq, sq);
                 const double t_sq = run.median_ms(g_sq, reps);
+
+                // the portable graph as libllama plans it for a layer without the fused op (F16
+                // mirror), attending under a sparse mask and over gathered rows
+                llama_sparq_layer_plan po;
+                double t_ops[2] = { -1.0, -1.0 };
+                int nodes_ops[2] = { 0, 0 };
+                if (llama_sparq_plan_layer(&sp, H, Hkv, D, D, GGML_TYPE_F16, GGML_TYPE_F16, false, S, &po) == LLAMA_SPARQ_OK &&
+                    po.path == 2 && po.type_kt == GGML_TYPE_F16) {
+                    ggml_tensor *& kt16 = kt_of[0];
+                    if (kt16 == nullptr) {
+                        const ggml_fp16_t * kd = (const ggml_fp16_t *) k->data;
+                        kt16 = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, D, Hkv, 1);
+                        for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) for (int j = 0; j < D; ++j) {
+                            ((ggml_fp16_t *) kt16->data)[((size_t) g*D + j)*S + p] = kd[((size_t) g*S + p)*D + j];
+                        }
+                    }
+                    // the window bias, made once per graph by libllama: here a leaf with its values
+                    ggml_tensor * rank = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, S, 1, 1, 1);
+                    for (int p = 0; p < S; ++p) ((float *) rank->data)[p] = (float) (S - 1 - p);
+                    ggml_tensor * b = ggml_sparq_window_bias(ctx, m16, rank, po.l);
+                    ggml_cgraph * g_b = ggml_new_graph(ctx);
+                    ggml_build_forward_expand(g_b, b);
+                    run.median_ms(g_b, 1);
+                    ggml_tensor * bias = ggml_dup_tensor(ctx, b);
+                    memcpy(bias->data, b->data, ggml_nbytes(b));
+                    for (int gather = 0; gather < 2; ++gather) {
+                        const int32_t flags = (realloc ? GGML_SPARQ_REALLOC : 0) | GGML_SPARQ_ALL_SEE_K | (gather ? GGML_SPARQ_GATHER : 0);
+                        ggml_tensor * so = ggml_sparq_attn_ops(ctx, q, k, kt16, v, realloc ? vm : nullptr, m16, bias, nullptr,
+                                                               scale, po.r, po.k, flags);
+                        ggml_cgraph * g_so = ggml_new_graph(ctx);
+                        ggml_build_forward_expand(g_so, so);
+                        t_ops[gather] = run.median_ms(g_so, reps);
+                        nodes_ops[gather] = work_nodes(g_so);
+                        profile_nodes(run, ctx, g_so, reps, gather ? "ops-gather" : "ops-mask");
+                    }
+                }
                 // the mask's row (F16) besides what the plan counts
                 printf("{\"kind\": \"op\", \"head_dim\": %d, \"group\": %d, \"n_head_kv\": %d, \"ctx\": %d, "
                        "\"compression\": \"1/%d\", \"r\": %d, \"k\": %d, \"l\": %d, \"mirror\": \"%s\", \"realloc\": %s, "
                        "\"ms_sparq\": %.4f, \"ms_flash_attn\": %.4f, \"ms_mul_mat\": %.4f, "
-                       "\"bytes_sparq\": %.0f, \"bytes_dense\": %.0f}\n",
+                       "\"bytes_sparq\": %.0f, \"bytes_dense\": %.0f, "
+                       "\"ms_ops_mask\": %.4f, \"ms_ops_gather\": %.4f, \"nodes_ops_mask\": %d, \"nodes_ops_gather\": %d, "
+                       "\"nodes_flash_attn\": %d, \"nodes_mul_mat\": %d}\n",
                        D, dm.G, Hkv, S, c, plan.r, plan.k, plan.l, ggml_type_name((ggml_type) plan.type_kt),
-                       realloc ? "true" : "false", t_sq, t_fa, t_mm, plan.bytes + 2.0*S, plan.bytes_dense + 2.0*S);
+                       realloc ? "true" : "false", t_sq, t_fa, t_mm, plan.bytes + 2.0*S, plan.bytes_dense + 2.0*S,
+                       t_ops[0], t_ops[1], nodes_ops[0], nodes_ops[1], work_nodes(g_fa), work_nodes(g_mm));
                 fflush(stdout);
             }
             ggml_free(ctx);
