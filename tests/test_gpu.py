@@ -47,3 +47,24 @@ def test_sparq_decode_on_the_gpu_equals_cpu_sparq(essay_text):
     agree = (out["gpu"].argmax(-1) == out["cpu"].argmax(-1)).mean()
     print(f"{dev} SparQ vs CPU SparQ: max |logit diff| {diff:.3f}, top-1 agreement {agree:.3f}")
     assert diff < ROUNDING["smollm2-135m"]
+
+
+def test_weights_on_the_gpu_cache_on_the_cpu_takes_the_fused_op(essay_text):
+    # offload_kqv=False (llama.cpp's --no-kv-offload): the weights on the GPU device, the KV cache
+    # and the attention on the CPU, where SparQ runs the fused op; the same logits as all on the CPU
+    out, stats = {}, {}
+    for where, ngl, kqv in (("cpu", 0, True), ("split", -1, False)):
+        llm = Llama("smollm2-135m", n_ctx=1024, n_batch=512, n_threads=2, logits_all=True, verbose=False,
+                    n_gpu_layers=ngl, offload_kqv=kqv, sparq_compression=1 / 8, sparq_min_ctx=256)
+        try:
+            toks = _tokens(llm, essay_text, 624)
+            out[where] = _teacher_forced(llm, toks[:600], toks[600:624])
+            stats[where] = llm.sparq_stats()
+        finally:
+            llm.close()
+    print("cpu:", stats["cpu"], "\nsplit:", stats["split"])
+    assert stats["split"]["devices"] == {"CPU": 30} and stats["split"]["n_layers_ops"] == 0, stats["split"]
+    assert stats["split"]["n_tokens_sparq"] == stats["cpu"]["n_tokens_sparq"] == 24
+    diff = np.abs(out["split"] - out["cpu"]).max()
+    print(f"weights on {_gpu_devices()[0]}, cache on the CPU: max |logit diff| to all on the CPU {diff:.3f}")
+    assert diff < ROUNDING["smollm2-135m"]
