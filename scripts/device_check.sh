@@ -7,7 +7,8 @@
 #      the ops it uses (TOP_K, GET_ROWS, SOFT_MAX, MUL_MAT at every shape upstream cases);
 #   3. tests/test_gpu.py: smollm2-135m decoding with SparQ, its layers on CUDA0, against CPU SparQ;
 #   4. sparq-cpp bench, dense against SparQ with every layer on the GPU, at 8k and 32k (gemma3-270m,
-#      whose 32k context fits; smollm2-135m at 8k).
+#      whose 32k context fits; smollm2-135m at 8k; a Llama-3-8B shape with random weights made on
+#      the machine, both ways the portable graph attends).
 # Usage: scripts/device_check.sh [python]. Needs what a network provides once: the repository's
 # venv (make setup), the two models and the essays in the sparq-cpp cache (~/.cache/sparq-cpp,
 # filled by their first use, e.g. make test), and the nvidia-cublas wheel there if the toolkit
@@ -39,10 +40,16 @@ step "decode on CUDA0 against CPU SparQ"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "bench"
-"$(dirname "$VPY")/sparq-cpp" bench -m smollm2-135m -ngl -1 -d 8000 -s 1/8,1/16,k=64 -r 5 -o "$OUT/bench_smollm2-135m" --no-plot \
-    2>/dev/null | tee "$OUT/bench_smollm2-135m.txt" || status=1
-"$(dirname "$VPY")/sparq-cpp" bench -m gemma3-270m -ngl -1 -d 8000,32000 -s 1/8,1/16,k=64 -r 5 -o "$OUT/bench_gemma3-270m" --no-plot \
-    2>/dev/null | tee "$OUT/bench_gemma3-270m.txt" || status=1
+# dense against SparQ with every layer on the GPU: the two models, and a Llama-3-8B shape with
+# random weights made here (8 of its 32 layers), 8k and 32k; the portable graph attending over
+# gathered rows (the default) and under a sparse mask (upstream's sparse flash attention)
+B="$(dirname "$VPY")/sparq-cpp bench -ngl -1 -r 5 --no-plot"
+$B -m smollm2-135m -d 8000 -s 1/8,1/16,k=64 --save "$OUT/bench_smollm2-135m" 2>/dev/null | tee "$OUT/bench_smollm2-135m.txt" || status=1
+$B -m gemma3-270m -d 8000,32000 -s 1/8,1/16,k=64 --save "$OUT/bench_gemma3-270m" 2>/dev/null | tee "$OUT/bench_gemma3-270m.txt" || status=1
+for attend in gather mask; do
+    LLAMA_SPARQ_OPS_ATTEND=$attend $B --shape llama3-8b,layers=8 -d 8192,32768 -s 1/8,1/16 \
+        --save "$OUT/bench_llama3-8b_$attend" 2>/dev/null | tee "$OUT/bench_llama3-8b_$attend.txt" || status=1
+done
 
 step "done: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see $OUT)"
 exit $status
