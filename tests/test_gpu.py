@@ -21,22 +21,29 @@ pytestmark = pytest.mark.skipif(not _gpu_devices(), reason="the library under te
                                 "(make test-vulkan, scripts/device_check.sh)")
 
 
-def test_sparq_decode_on_the_gpu_equals_cpu_sparq(essay_text):
-    # 600 prompt tokens, SparQ from 256 cells on (n_kv 768 > k = 48 at 1/8), 24 teacher-forced
-    # tokens: on the GPU device every SparQ layer runs the portable graph (no GPU backend has a
-    # fused kernel), on the CPU the fused op, both with the F16 K^T mirror (the portable graph's;
-    # the fused op's default int8 mirror reads other rows for the same budget)
+def _decode(essay_text, runs, **sparq):
+    """smollm2-135m, 600 prompt tokens, SparQ 1/8 from 256 cells, 24 teacher-forced tokens, once
+    per run's settings: their logits and sparq_stats()"""
     out, stats = {}, {}
-    for where, ngl in (("cpu", 0), ("gpu", -1)):
+    for where, kw in runs.items():
         llm = Llama("smollm2-135m", n_ctx=1024, n_batch=512, n_threads=2, logits_all=True, verbose=False,
-                    n_gpu_layers=ngl, sparq_compression=1 / 8, sparq_min_ctx=256, sparq_realloc=True,
-                    sparq_mirror="float")
+                    sparq_compression=1 / 8, sparq_min_ctx=256, **kw, **sparq)
         try:
             toks = _tokens(llm, essay_text, 624)
             out[where] = _teacher_forced(llm, toks[:600], toks[600:624])
             stats[where] = llm.sparq_stats()
         finally:
             llm.close()
+    return out, stats
+
+
+def test_sparq_decode_on_the_gpu_equals_cpu_sparq(essay_text):
+    # 600 prompt tokens, SparQ from 256 cells on (n_kv 768 > k = 48 at 1/8), 24 teacher-forced
+    # tokens: on the GPU device every SparQ layer runs the portable graph (no GPU backend has a
+    # fused kernel), on the CPU the fused op, both with the F16 K^T mirror (the portable graph's;
+    # the fused op's default int8 mirror reads other rows for the same budget)
+    out, stats = _decode(essay_text, {"cpu": dict(n_gpu_layers=0), "gpu": dict(n_gpu_layers=-1)},
+                         sparq_realloc=True, sparq_mirror="float")
     dev = _gpu_devices()[0]
     print("cpu:", stats["cpu"], "\ngpu:", stats["gpu"])
     assert stats["cpu"]["devices"] == {"CPU": 30} and stats["cpu"]["n_layers_ops"] == 0
@@ -52,16 +59,7 @@ def test_sparq_decode_on_the_gpu_equals_cpu_sparq(essay_text):
 def test_weights_on_the_gpu_cache_on_the_cpu_takes_the_fused_op(essay_text):
     # offload_kqv=False (llama.cpp's --no-kv-offload): the weights on the GPU device, the KV cache
     # and the attention on the CPU, where SparQ runs the fused op; the same logits as all on the CPU
-    out, stats = {}, {}
-    for where, ngl, kqv in (("cpu", 0, True), ("split", -1, False)):
-        llm = Llama("smollm2-135m", n_ctx=1024, n_batch=512, n_threads=2, logits_all=True, verbose=False,
-                    n_gpu_layers=ngl, offload_kqv=kqv, sparq_compression=1 / 8, sparq_min_ctx=256)
-        try:
-            toks = _tokens(llm, essay_text, 624)
-            out[where] = _teacher_forced(llm, toks[:600], toks[600:624])
-            stats[where] = llm.sparq_stats()
-        finally:
-            llm.close()
+    out, stats = _decode(essay_text, {"cpu": dict(n_gpu_layers=0), "split": dict(n_gpu_layers=-1, offload_kqv=False)})
     print("cpu:", stats["cpu"], "\nsplit:", stats["split"])
     assert stats["split"]["devices"] == {"CPU": 30} and stats["split"]["n_layers_ops"] == 0, stats["split"]
     assert stats["split"]["n_tokens_sparq"] == stats["cpu"]["n_tokens_sparq"] == 24

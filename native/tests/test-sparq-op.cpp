@@ -282,6 +282,7 @@ std::vector<float> run_op(const Case & c, const Data & d, const Data * poison = 
         sk = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, H);
         memcpy(sk->data, d.sink.data(), H*sizeof(float));
     }
+    ggml_tensor * out = nullptr;
     if (c.ops >= 0) {
         // the portable graph: one k for every row, the window from each row's visible ranks
         ggml_tensor * rank = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, S, c.nb, 1, 1);
@@ -297,22 +298,13 @@ std::vector<float> run_op(const Case & c, const Data & d, const Data * poison = 
         }
         ggml_tensor * bias = ggml_sparq_window_bias(ctx, m, rank, c.l);
         q = ggml_permute(ctx, ggml_reshape_4d(ctx, ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3)), D, H, c.nb, 1), 0, 2, 1, 3);
-        ggml_tensor * out = ggml_sparq_attn_ops(ctx, q, k, kt, v, c.realloc ? vm : nullptr, m, bias, sk, 1.0f/std::sqrt((float) D),
-                                                c.r, c.k, flags | c.ops | (all_see_k ? GGML_SPARQ_ALL_SEE_K : 0));
-        ggml_cgraph * gf = ggml_new_graph(ctx);
-        ggml_build_forward_expand(gf, out);
-        ggml_graph_compute_with_ctx(ctx, gf, c.threads);
-        std::vector<float> res((size_t) c.nb*H*D);
-        for (int b = 0; b < c.nb; ++b) for (int h = 0; h < H; ++h)
-            memcpy(&res[((size_t) b*H + h)*D], (char *) out->data + h*out->nb[1] + b*out->nb[2], D*sizeof(float));
-        ggml_free(ctx);
-        return res;
-    }
-    ggml_tensor * out = ggml_sparq_attn(ctx, q, k, kt, v, vm, m, 1.0f/std::sqrt((float) D), c.r, c.k, c.l, flags);
-    if (c.k_frac > 0 || c.min_vis > 0) {
-        ggml_sparq_attn_set_budget(out, c.k_frac, c.l_div, c.min_vis);
-    }
-    if (sk != nullptr) {
+        out = ggml_sparq_attn_ops(ctx, q, k, kt, v, c.realloc ? vm : nullptr, m, bias, sk, 1.0f/std::sqrt((float) D),
+                                  c.r, c.k, flags | c.ops | (all_see_k ? GGML_SPARQ_ALL_SEE_K : 0));
+    } else {
+        out = ggml_sparq_attn(ctx, q, k, kt, v, vm, m, 1.0f/std::sqrt((float) D), c.r, c.k, c.l, flags);
+        if (c.k_frac > 0 || c.min_vis > 0) {
+            ggml_sparq_attn_set_budget(out, c.k_frac, c.l_div, c.min_vis);
+        }
         ggml_sparq_attn_add_sinks(out, sk);
     }
     ggml_cgraph * gf = ggml_new_graph(ctx);
