@@ -232,7 +232,30 @@ int main(int argc, char ** argv) {
             profile_nodes(run, ctx, g_mm, reps, "dense-mul-mat");
             // mean reallocation as libllama defaults it: on for multi-head, off for grouped-query layers
             const bool realloc = dm.G == 1;
-            ggml_tensor * kt_of[2] = { nullptr, nullptr };  // the F16 and the I8 K^T, made when first planned
+            // K^T: the same values as K, as F16 or as libllama's I8 mirror, each made when first needed
+            ggml_tensor * kts[2] = { nullptr, nullptr };
+            auto kt_of = [&](bool i8) {
+                ggml_tensor *& kt = kts[i8];
+                if (kt != nullptr) {
+                    return kt;
+                }
+                const ggml_fp16_t * kd = (const ggml_fp16_t *) k->data;
+                if (i8) {
+                    kt = ggml_new_tensor_4d(ctx, GGML_TYPE_I8, S, D + 1, Hkv, 1);
+                    std::vector<float> row(D);
+                    for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) {
+                        ggml_fp16_to_fp32_row(kd + ((size_t) g*S + p)*D, row.data(), D);
+                        int8_t * col = (int8_t *) kt->data + (size_t) g*(D + 1)*S + p;
+                        ggml_sparq_quantize_kt(row.data(), D, col, S, col + (size_t) D*S);
+                    }
+                } else {
+                    kt = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, D, Hkv, 1);
+                    for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) for (int j = 0; j < D; ++j) {
+                        ((ggml_fp16_t *) kt->data)[((size_t) g*D + j)*S + p] = kd[((size_t) g*S + p)*D + j];
+                    }
+                }
+                return kt;
+            };
 
             for (int c : comps) {
                 llama_sparq_params sp = llama_sparq_default_params();
@@ -248,24 +271,7 @@ int main(int argc, char ** argv) {
                     continue;
                 }
                 const bool i8 = plan.type_kt == GGML_TYPE_I8;
-                ggml_tensor *& kt = kt_of[i8];
-                if (kt == nullptr) {  // K^T: the same values as K, as F16 or as libllama's I8 mirror
-                    const ggml_fp16_t * kd = (const ggml_fp16_t *) k->data;
-                    if (i8) {
-                        kt = ggml_new_tensor_4d(ctx, GGML_TYPE_I8, S, D + 1, Hkv, 1);
-                        std::vector<float> row(D);
-                        for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) {
-                            ggml_fp16_to_fp32_row(kd + ((size_t) g*S + p)*D, row.data(), D);
-                            int8_t * col = (int8_t *) kt->data + (size_t) g*(D + 1)*S + p;
-                            ggml_sparq_quantize_kt(row.data(), D, col, S, col + (size_t) D*S);
-                        }
-                    } else {
-                        kt = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, D, Hkv, 1);
-                        for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) for (int j = 0; j < D; ++j) {
-                            ((ggml_fp16_t *) kt->data)[((size_t) g*D + j)*S + p] = kd[((size_t) g*S + p)*D + j];
-                        }
-                    }
-                }
+                ggml_tensor * kt = kt_of(i8);
                 ggml_tensor * sq = ggml_sparq_attn(ctx, q, k, kt, v, realloc ? vm : nullptr, m16, scale, plan.r, plan.k,
                                                    plan.l, realloc ? GGML_SPARQ_REALLOC : 0);
                 ggml_cgraph * g_sq = ggml_new_graph(ctx);
@@ -279,14 +285,7 @@ int main(int argc, char ** argv) {
                 int nodes_ops[2] = { 0, 0 };
                 if (llama_sparq_plan_layer(&sp, H, Hkv, D, D, GGML_TYPE_F16, GGML_TYPE_F16, false, S, &po) == LLAMA_SPARQ_OK &&
                     po.path == 2 && po.type_kt == GGML_TYPE_F16) {
-                    ggml_tensor *& kt16 = kt_of[0];
-                    if (kt16 == nullptr) {
-                        const ggml_fp16_t * kd = (const ggml_fp16_t *) k->data;
-                        kt16 = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, D, Hkv, 1);
-                        for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) for (int j = 0; j < D; ++j) {
-                            ((ggml_fp16_t *) kt16->data)[((size_t) g*D + j)*S + p] = kd[((size_t) g*S + p)*D + j];
-                        }
-                    }
+                    ggml_tensor * kt16 = kt_of(false);
                     // the window bias, made once per graph by libllama: here a leaf with its values
                     ggml_tensor * rank = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, S, 1, 1, 1);
                     for (int p = 0; p < S; ++p) ((float *) rank->data)[p] = (float) (S - 1 - p);
