@@ -225,7 +225,9 @@ struct ggml_tensor * ggml_sparq_attn_ops(
         ggml_tensor * ks = ggml_view_3d(ctx, k, D, n_kv, Hkv, k->nb[1], k->nb[2], s*k->nb[3]);
         ggml_tensor * kts = ggml_view_3d(ctx, kt, n_kv, D, Hkv, kt->nb[1], kt->nb[2], s*kt->nb[3]);
         ggml_tensor * vs = ggml_view_3d(ctx, v, Dv, n_kv, Hkv, v->nb[1], v->nb[2], s*v->nb[3]);
-        ggml_tensor * ms = ggml_view_2d(ctx, mask, n_kv, T, mask->nb[1], s*mask->nb[3]);
+        // (one stream: the mask itself; a view of it would be one more copy of a host input per
+        // layer for the scheduler to make)
+        ggml_tensor * ms = ns == 1 ? mask : ggml_view_2d(ctx, mask, n_kv, T, mask->nb[1], s*mask->nb[3]);
         ggml_tensor * bs = ggml_view_2d(ctx, bias, n_kv, T, bias->nb[1], s*bias->nb[3]);
         ggml_tensor * vm = nullptr;
         if (vmean != nullptr) {
