@@ -81,9 +81,10 @@ class Llama(llama_cpp.Llama):
         try:
             super().eval(tokens)
         except RuntimeError as err:
-            # the fork's ggml-rpc fails the decode (-3) when a server stops answering, where
-            # upstream's aborts the process; say which server, as a ConnectionError
-            if self._rpc_endpoints and str(err).endswith("returned -3"):
+            # the fork's ggml-rpc fails the decode when a server stops answering, where upstream's
+            # aborts the process: a server that no longer accepts a connection is named, as a
+            # ConnectionError (any other failure goes on as it came)
+            if self._rpc_endpoints:
                 from .rpc import lost_error
 
                 lost = lost_error(self._rpc_endpoints)
