@@ -332,16 +332,11 @@ static int32_t sparq_validate(const llama_sparq_params & p, const llama_kv_cache
         if ((uint32_t) p.layer_start >= hp.n_layer() || (p.layer_end != -1 && (uint32_t) p.layer_end > hp.n_layer())) {
             return LLAMA_SPARQ_ERR_LAYERS;
         }
+        // (whether a compression leaves room for rows depends on each layer's mirror:
+        // sparq_plan_layers checks it)
         for (size_t ikv = 0; ikv < cache_internals::n_layers(*kv); ++ikv) {
-            const int64_t d = hp.n_embd_head_k(cache_internals::il(*kv, ikv));
-            if (p.r > d) {
+            if (p.r > hp.n_embd_head_k(cache_internals::il(*kv, ikv))) {
                 return LLAMA_SPARQ_ERR_R;
-            }
-            // a compression must leave room for rows after step 2 (here with a float mirror; an
-            // int8 one, cheaper, is checked by llama_sparq_set once the mirror types are known)
-            const bool may_be_i8 = p.mirror == LLAMA_SPARQ_MIRROR_AUTO && cache_internals::k(*kv, ikv)->type != GGML_TYPE_F32;
-            if (!may_be_i8 && !compression_fits(p, d, nullptr)) {
-                return LLAMA_SPARQ_ERR_COMPRESSION;
             }
         }
     }
