@@ -42,8 +42,8 @@ ggml_tensor * llama_sparq_build_attn(
                  int   il);
 
 // Whether a device is an RPC server's (ggml-rpc).
-bool llama_sparq_dev_is_rpc(ggml_backend_dev_t dev);
+bool llama_dev_is_rpc(ggml_backend_dev_t dev);
 
 // Whether an RPC server behind one of the scheduler's backends stopped answering; waits for the
 // scheduler's outstanding work first (llama_context::decode asks after each batch, and fails it).
-bool llama_sparq_rpc_lost(ggml_backend_sched_t sched);
+bool llama_rpc_lost(ggml_backend_sched_t sched);

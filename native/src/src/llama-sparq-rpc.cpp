@@ -18,17 +18,17 @@
 
 typedef bool (*rpc_lost_fn)(ggml_backend_t backend);
 
-bool llama_sparq_dev_is_rpc(ggml_backend_dev_t dev) {
+bool llama_dev_is_rpc(ggml_backend_dev_t dev) {
     ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
     return reg != nullptr && strcmp(ggml_backend_reg_name(reg), "RPC") == 0;
 }
 
-bool llama_sparq_rpc_lost(ggml_backend_sched_t sched) {
+bool llama_rpc_lost(ggml_backend_sched_t sched) {
     std::vector<ggml_backend_t> rpc;
     const int n = sched ? ggml_backend_sched_get_n_backends(sched) : 0;
     for (int i = 0; i < n; ++i) {
         ggml_backend_t backend = ggml_backend_sched_get_backend(sched, i);
-        if (llama_sparq_dev_is_rpc(ggml_backend_get_device(backend))) {
+        if (llama_dev_is_rpc(ggml_backend_get_device(backend))) {
             rpc.push_back(backend);
         }
     }
