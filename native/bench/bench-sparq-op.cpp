@@ -242,11 +242,10 @@ int main(int argc, char ** argv) {
                 const ggml_fp16_t * kd = (const ggml_fp16_t *) k->data;
                 if (i8) {
                     kt = ggml_new_tensor_4d(ctx, GGML_TYPE_I8, S, D + 1, Hkv, 1);
-                    std::vector<float> row(D);
-                    for (int g = 0; g < Hkv; ++g) for (int p = 0; p < S; ++p) {
-                        ggml_fp16_to_fp32_row(kd + ((size_t) g*S + p)*D, row.data(), D);
-                        int8_t * col = (int8_t *) kt->data + (size_t) g*(D + 1)*S + p;
-                        ggml_sparq_quantize_kt(row.data(), D, col, S, col + (size_t) D*S);
+                    std::vector<float> kf((size_t) Hkv*S*D);
+                    ggml_fp16_to_fp32_row(kd, kf.data(), (int64_t) kf.size());
+                    for (int p = 0; p < S; ++p) {
+                        ggml_sparq_quantize_kt_heads(&kf[(size_t) p*D], (size_t) S*D, D, Hkv, (int8_t *) kt->data + p, S);
                     }
                 } else {
                     kt = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, S, D, Hkv, 1);

@@ -259,10 +259,8 @@ std::vector<float> run_op(const Case & c, const Data & d, const Data * poison = 
         ktf[((size_t) g*D + j)*kv_size + p] = ktv[((size_t) g*S + p)*D + j];
     set_tensor(k0, kf); set_tensor(v0, vf);
     if (c.kt_i8) {  // each position's D components quantized together, its exponent in row D
-        int8_t * t = (int8_t *) kt0->data;
-        for (int g = 0; g < c.Hkv; ++g) for (int p = 0; p < S; ++p) {
-            int8_t * col = t + (size_t) g*(D + 1)*kv_size + p;
-            ggml_sparq_quantize_kt(&ktv[((size_t) g*S + p)*D], D, col, kv_size, col + (size_t) D*kv_size);
+        for (int p = 0; p < S; ++p) {
+            ggml_sparq_quantize_kt_heads(&ktv[(size_t) p*D], (size_t) S*D, D, c.Hkv, (int8_t *) kt0->data + p, kv_size);
         }
     } else {
         set_tensor(kt0, ktf);

@@ -119,10 +119,7 @@ static void write_mirror_i8(ggml_tensor * dst, const ggml_tensor * a, const ggml
         } else {
             traits->to_float(krow, kf.data(), n_embd);
         }
-        for (int64_t h = 0; h < n_head; ++h) {
-            int8_t * col = (int8_t *) a->data + (strm*rows + h*(d + 1))*kv_size + cell;
-            ggml_sparq_quantize_kt(kf.data() + h*d, d, col, (size_t) kv_size, col + d*kv_size);
-        }
+        ggml_sparq_quantize_kt_heads(kf.data(), d, d, n_head, (int8_t *) a->data + strm*rows*kv_size + cell, kv_size);
     }
 }
 

@@ -27,10 +27,7 @@ static void i8_dims(const ggml_tensor * t, int64_t n_embd, int64_t & d, int64_t 
 // head: out holds the mirror's n_head*(d + 1) rows of n bytes
 static void quantize_cells(const float * kf, int64_t n, int64_t n_embd, int64_t d, int64_t n_head, int8_t * out) {
     for (int64_t c = 0; c < n; ++c) {
-        for (int64_t h = 0; h < n_head; ++h) {
-            int8_t * col = out + h*(d + 1)*n + c;
-            ggml_sparq_quantize_kt(kf + c*n_embd + h*d, d, col, (size_t) n, col + d*n);
-        }
+        ggml_sparq_quantize_kt_heads(kf + c*n_embd, d, d, n_head, out + c, n);
     }
 }
 

@@ -113,9 +113,8 @@ struct test_sparq_attn : public test_case {
                     ggml_get_type_traits(k0->type)->to_float(raw.data(), kf.data(), kf.size());
                 }
                 std::vector<int8_t> kq(ggml_nelements(t));
-                for (int64_t row = 0; row < n_rows; ++row) {  // row = head*n_pos + position (nr3 folded in)
-                    int8_t * col = kq.data() + (row/n_pos)*(hs + 1)*n_pos + row%n_pos;
-                    ggml_sparq_quantize_kt(kf.data() + row*hs, hs, col, n_pos, col + hs*n_pos);
+                for (int64_t p = 0; p < n_pos; ++p) {  // K's rows: head*n_pos + position (nr3 folded in)
+                    ggml_sparq_quantize_kt_heads(kf.data() + p*hs, n_pos*hs, hs, n_rows/n_pos, kq.data() + p, n_pos);
                 }
                 ggml_backend_tensor_set(t, kq.data(), 0, kq.size());
             } else if (strncmp(t->name, "kt0", 3) == 0) {

@@ -257,3 +257,10 @@ void ggml_sparq_quantize_kt(const float * x, int64_t d, int8_t * q, size_t strid
     }
     *e = (int8_t) ex;
 }
+
+void ggml_sparq_quantize_kt_heads(const float * x, size_t x_head_stride, int64_t d, int64_t n_head, int8_t * kt, size_t n_cells) {
+    for (int64_t h = 0; h < n_head; ++h) {
+        int8_t * col = kt + (size_t) h*(d + 1)*n_cells;
+        ggml_sparq_quantize_kt(x + h*x_head_stride, d, col, n_cells, col + (size_t) d*n_cells);
+    }
+}
