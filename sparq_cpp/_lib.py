@@ -115,6 +115,7 @@ void    llama_sparq_stats_reset(struct llama_context * ctx);
 const char * llama_sparq_strerror(int32_t status);
 const char * llama_sparq_dense_reason(void);
 const char * llama_sparq_layer_device(const struct llama_context * ctx, int32_t il);
+int32_t llama_sparq_graph_size(const struct llama_context * ctx, int32_t * n_compute);
 
 size_t ggml_backend_dev_count(void);
 void * ggml_backend_dev_get(size_t index);

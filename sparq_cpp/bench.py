@@ -267,7 +267,7 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
                 prompt = [rnd.randrange(shp.vocab) for _ in range(n_prompt)]
             times = {lab: [] for lab, _, _ in runs}
             pp_times = {lab: [] for lab, _, _ in runs}
-            st = {}
+            st, nodes = {}, {}
             for rep in range(reps):
                 order = runs[rep % len(runs):] + runs[:rep % len(runs)]
                 for lab, c, kw in order:
@@ -277,6 +277,7 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
                     c.decode(gen[:1])  # warm-up: re-reserve after a settings change, mirror rebuild
                     c.sparq_stats(reset=True)
                     times[lab].append(c.decode(gen))
+                    nodes[lab] = sparq.graph_nodes(c.ctx)  # the last token's graph
                     if kw:
                         st[lab] = c.sparq_stats()
                     if prompt:
@@ -288,7 +289,7 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
             for lab, _, kw in runs:
                 row = {"depth": depth, "setting": lab, "tokens_per_s": med[lab],
                        "min": min(times[lab]), "max": max(times[lab]), "runs": times[lab],
-                       "x_best_dense": med[lab] / best, "sparq": kw}
+                       "x_best_dense": med[lab] / best, "sparq": kw, **nodes[lab]}
                 if kw:  # below min_ctx SparQ falls back to dense: say so in the table
                     s = st[lab]
                     row["sparq_token_fraction"] = s["n_tokens_sparq"] / len(gen)
@@ -343,7 +344,7 @@ def format_result(result: dict, fmt: str = "md") -> str:
         return json.dumps(result, indent=1)
     if fmt == "csv":
         cols = ["depth", "setting", "tokens_per_s", "min", "max", "x_best_dense", "bytes_limit", "read_fraction",
-                "sparq_token_fraction"]
+                "sparq_token_fraction", "graph_nodes", "graph_compute_nodes"]
         if any("pp_tokens_per_s" in r for r in result["rows"]):
             cols += ["pp_tokens_per_s", "pp_x_best_dense"]
         lines = [",".join(cols)]
@@ -370,22 +371,28 @@ def describe_model(result: dict) -> str:
 def table(result: dict) -> str:
     pp = any("pp_tokens_per_s" in r for r in result["rows"])
     lim = any(r.get("bytes_limit") for r in result["rows"])
+    nodes = all("graph_compute_nodes" in r for r in result["rows"])
     lines = [f"{describe_model(result)}, KV cache {result.get('cache_type_k', 'f16')}/{result.get('cache_type_v', 'f16')}, "
              f"{result['threads']} threads, {result.get('n_gpu_layers', 0)} GPU layers, {result['n_gen']} tokens x "
              f"{result['reps']} runs per setting (median, min..max), commit {result['commit']}", "",
              "| depth | setting | t/s | min..max | x best dense |" + (" bytes limit |" if lim else "")
-             + (f" pp{result.get('n_prompt')} t/s | x best dense |" if pp else ""),
-             "|---:|---|---:|---:|---:|" + ("---:|" if lim else "") + ("---:|---:|" if pp else "")]
+             + (" nodes |" if nodes else "") + (f" pp{result.get('n_prompt')} t/s | x best dense |" if pp else ""),
+             "|---:|---|---:|---:|---:|" + ("---:|" if lim else "") + ("---:|" if nodes else "") + ("---:|---:|" if pp else "")]
     for r in result["rows"]:
         note = " (dense fallback)" if r.get("sparq_token_fraction") == 0 else ""
         line = (f"| {r['depth']} | {r['setting']}{note} | {r['tokens_per_s']:.1f} | "
                 f"{r['min']:.1f}..{r['max']:.1f} | {r['x_best_dense']:.2f} |")
         if lim:
             line += f" {r['bytes_limit']:.2f} |" if r.get("bytes_limit") else " |"
+        if nodes:
+            line += f" {r['graph_compute_nodes']} |"
         if pp:
             line += f" {r['pp_tokens_per_s']:.1f} | {r['pp_x_best_dense']:.2f} |"
         lines.append(line)
     m = result.get("memory") or {}
+    if nodes:
+        lines += ["", "nodes: the graph of one decoded token, the nodes that compute (views, reshapes and permutes "
+                  "left out); on a GPU each is a kernel launch unless the backend fuses it"]
     if lim:
         lines += ["", "bytes limit: the bytes a dense token reads (weights + K and V at that depth) over the bytes a "
                   f"SparQ token reads (weights + its share of K/V and the K^T mirror); weights read per token: "

@@ -254,9 +254,19 @@ def stats(ctx_ptr, reset: bool = False) -> dict:
             name = ffi.string(name).decode()
             devices[name] = devices.get(name, 0) + 1
     out["devices"] = devices
+    out.update(graph_nodes(ctx_ptr))
     if reset:
         reset_stats(ctx_ptr)
     return out
+
+
+def graph_nodes(ctx_ptr) -> dict:
+    """The graph of the last ubatch the context decoded (SparQ or dense): ``graph_nodes``, and
+    ``graph_compute_nodes`` (views, reshapes and permutes left out: on a GPU, each is a kernel
+    launch unless the backend fuses it)."""
+    n_compute = ffi.new("int32_t *")
+    n = lib.llama_sparq_graph_size(_ctx(ctx_ptr), n_compute)
+    return {"graph_nodes": n, "graph_compute_nodes": n_compute[0]}
 
 
 _MIRROR_TYPES = {0: "f32", 1: "f16", 24: "i8"}  # GGML_TYPE_F32, F16, I8

@@ -152,14 +152,19 @@ def test_random_fill_takes_sparq_at_its_budget(tiny):
 
 def test_bench_on_a_shape_prints_the_bytes_limit_and_memory(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sparq_cpp.cli", "bench", "--shape", TINY, "-d", "1024", "-n", "2",
-                        "-r", "1", "-s", "1/8", "-o", "json", "--no-plot"], capture_output=True, text=True,
+                        "-r", "1", "-s", "1/8,1/8:ops", "-o", "json", "--no-plot"], capture_output=True, text=True,
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert res["random_weights"] and res["shape"] == TINY and res["weights"] == "q4_0"
-    assert [row["setting"] for row in res["rows"]] == ["dense FA off", "dense FA on", "SparQ 1/8"]
-    sq = res["rows"][-1]
+    assert [row["setting"] for row in res["rows"]][:3] == ["dense FA off", "dense FA on", "SparQ 1/8"]
+    _, fa, sq, ops = res["rows"]
     assert sq["sparq_token_fraction"] == 1 and 1 < sq["bytes_limit"] < 8
+    # the decode graph's nodes: the fused op in place of flash attention, plus the mirror's
+    # upkeep; the portable graph its 20-odd nodes per layer (2 layers) on top
+    assert 0 < fa["graph_compute_nodes"] < sq["graph_compute_nodes"] <= fa["graph_compute_nodes"] + 2 * 4, (fa, sq)
+    assert sq["graph_compute_nodes"] + 2 * 15 < ops["graph_compute_nodes"] <= fa["graph_compute_nodes"] + 2 * 30, ops
+    assert all(row["graph_nodes"] >= row["graph_compute_nodes"] for row in res["rows"])
     m = res["memory"]
     # cells x layers x (K, V) x 2 KV heads of 64 in f16
     assert m["kv_bytes_per_context"] == m["n_ctx"] * 2 * 2 * 128 * 2 and m["sparq_extra_bytes"] > 0

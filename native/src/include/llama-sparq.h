@@ -154,6 +154,11 @@ LLAMA_API int64_t llama_sparq_check(const struct llama_context * ctx, float * ma
 // take it.
 LLAMA_API const char * llama_sparq_layer_device(const struct llama_context * ctx, int32_t il);
 
+// The graph of the last ubatch the context decoded, SparQ or dense: its node count, and in
+// n_compute (if not NULL) the nodes that compute, views, reshapes and permutes left out (on a GPU
+// each is a kernel launch unless the backend fuses it with its neighbours); -1 for a NULL context.
+LLAMA_API int32_t llama_sparq_graph_size(const struct llama_context * ctx, int32_t * n_compute);
+
 // A short description of a llama_sparq_status value.
 LLAMA_API const char * llama_sparq_strerror(int32_t status);
 

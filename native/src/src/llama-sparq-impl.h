@@ -41,6 +41,9 @@ ggml_tensor * llama_sparq_build_attn(
                float   kq_scale,
                  int   il);
 
+// The nodes of a ubatch's graph into out[0], those that compute into out[1] (llama_sparq_graph_size).
+void llama_sparq_graph_count(ggml_cgraph * gf, int32_t * out);
+
 // Whether a device is an RPC server's (ggml-rpc).
 bool llama_dev_is_rpc(ggml_backend_dev_t dev);
 

@@ -368,6 +368,31 @@ uint32_t llama_sparq_graph_nodes(const llama_context * ctx) {
     return (uint32_t) kv->sparq->n_ops*kv->get_n_stream()*LLAMA_SPARQ_OPS_NODES + input_nodes*kv->get_n_stream();
 }
 
+void llama_sparq_graph_count(ggml_cgraph * gf, int32_t * out) {
+    const int n = ggml_graph_n_nodes(gf);
+    int32_t n_compute = 0;
+    for (int i = 0; i < n; ++i) {
+        switch (ggml_graph_node(gf, i)->op) {
+            case GGML_OP_NONE: case GGML_OP_VIEW: case GGML_OP_RESHAPE: case GGML_OP_PERMUTE: case GGML_OP_TRANSPOSE:
+                break;
+            default:
+                n_compute++;
+        }
+    }
+    out[0] = n;
+    out[1] = n_compute;
+}
+
+int32_t llama_sparq_graph_size(const struct llama_context * ctx, int32_t * n_compute) {
+    if (ctx == nullptr) {
+        return -1;
+    }
+    if (n_compute != nullptr) {
+        *n_compute = ctx->sparq_graph_size[1];
+    }
+    return ctx->sparq_graph_size[0];
+}
+
 void llama_sparq_stats_reset(struct llama_context * ctx) {
     if (ctx == nullptr) {
         return;
