@@ -44,7 +44,7 @@ def test_portable_graph_at_k_at_least_context_equals_dense_and_the_fused_op(name
     assert d_fused < ROUNDING[name]
 
 
-@pytest.mark.parametrize("cache", ["q8_0", pytest.param("f32", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("cache", [pytest.param(c, marks=pytest.mark.slow) for c in ("q8_0", "f32")])
 def test_portable_graph_on_q8_0_and_f32_caches(cache, essay_text):
     # k >= context, l = 0: dense to rounding, reading q8_0 rows (with the f16 mirror) or f32 rows
     t = {"q8_0": llama_cpp.GGML_TYPE_Q8_0, "f32": llama_cpp.GGML_TYPE_F32}[cache]
