@@ -102,7 +102,9 @@ def _first_parting(toks, ref_toks):
     return next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), len(toks))
 
 
-@pytest.mark.parametrize("name", MODELS)
+# gemma3's in the slow set (CI: make test-slow); make test has smollm2's, and gemma3's exactness
+# at k >= context on random weights in the architecture table (tests/test_archs.py)
+@pytest.mark.parametrize("name", [MODELS[0], pytest.param(MODELS[1], marks=pytest.mark.slow)])
 def test_k_at_least_context_equals_dense(name, essay_text):
     llm = _llm(name)
     # 1540 prompt tokens + 64 generated: every query sees at most 1604 < k = 1700 positions, and
@@ -266,13 +268,13 @@ def test_unsupported_cache_type_falls_back_to_dense_with_one_warning():
 
 def test_forced_dense_runs_no_sparq(essay_text):
     llm = _llm("smollm2-135m")
-    toks = _tokens(llm, essay_text, 1216)
-    dense = _teacher_forced(llm, toks[:1200], toks[1200:])
-    llm.set_sparq(compression=1 / 8, min_ctx=2048)  # the sequence never gets that long: dense
+    toks = _tokens(llm, essay_text, 616)
+    dense = _teacher_forced(llm, toks[:600], toks[600:])
+    llm.set_sparq(compression=1 / 8, min_ctx=1024)  # the sequence never gets that long: dense
     llm.sparq_stats(reset=True)
-    out = _teacher_forced(llm, toks[:1200], toks[1200:], live=True)  # the prompt's tokens counted too
+    out = _teacher_forced(llm, toks[:600], toks[600:], live=True)  # the prompt's tokens counted too
     st = llm.sparq_stats()
-    assert st["n_tokens_sparq"] == 0 and st["n_tokens_dense"] == 1216
+    assert st["n_tokens_sparq"] == 0 and st["n_tokens_dense"] == 616
     assert np.array_equal(out, dense)
 
 

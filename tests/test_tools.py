@@ -188,6 +188,7 @@ def test_llama_server_answers_with_sparq(model, essay, tmp_path):
     assert n is not None and n >= 15, text[-2000:]  # the 16th token is sampled, not decoded
 
 
+@pytest.mark.slow  # CI: make test-slow (make test: one request, and the Python server's concurrency test)
 def test_llama_server_keeps_the_budget_with_two_requests_at_once(model, tmp_path):
     # two slots in one cache, two requests of different lengths decoded together: each sequence
     # reads 1/8 of its own dense bytes (the cache's length, set by both, does not count)
