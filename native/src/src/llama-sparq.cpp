@@ -368,6 +368,8 @@ uint32_t llama_sparq_graph_nodes(const llama_context * ctx) {
     return (uint32_t) kv->sparq->n_ops*kv->get_n_stream()*LLAMA_SPARQ_OPS_NODES + input_nodes*kv->get_n_stream();
 }
 
+// "compute": not one of the ops ggml_op_is_empty names (ggml-impl.h, private to ggml, so not
+// callable from libllama)
 void llama_sparq_graph_count(ggml_cgraph * gf, int32_t * out) {
     const int n = ggml_graph_n_nodes(gf);
     int32_t n_compute = 0;
