@@ -2,11 +2,12 @@
 
 For each depth the essays are prefilled once in each of two contexts of the same model and
 library: one with flash attention off (V transposed, llama-cpp-python's default) and one with it
-on (SparQ's context). Then, for every repetition, each setting decodes N tokens one at a time
-from the same cache state (the generated cells are removed after each run), the settings in a
-rotating order so that drifts of a shared machine hit them alike. Dense is the better of the
-two dense paths at each depth. Reported: medians, the spread (min..max), and the ratio of
-medians against the best dense.
+on; each SparQ setting has a context of its own, like the second, set before its first decode
+and given that one's cache state. Then, for every repetition, each setting decodes N tokens one
+at a time from the same cache state (the generated cells are removed after each run), the
+settings in a rotating order so that drifts of a shared machine hit them alike. Dense is the
+better of the two dense paths at each depth. Reported: medians, the spread (min..max), and the
+ratio of medians against the best dense.
 """
 
 from __future__ import annotations
@@ -143,54 +144,84 @@ def check(model: str, depths: List[int], n_gen: int, n_prompt: int = 0) -> int:
 
 class _Contexts:
     """The contexts a bench compares, over one model: flash attention off (dense only; absent where
-    the cache type needs it on: llama.cpp stores a quantized V only with it), on (dense and SparQ,
-    one cache), and for another cache type than f16 the f16 cache's two dense paths (what a user
-    could run instead, so they count for "best dense"); ``to_depth`` brings each to a depth."""
+    the cache type needs it on: llama.cpp stores a quantized V only with it), on (dense), for
+    another cache type than f16 the f16 cache's two dense paths (what a user could run instead, so
+    they count for "best dense"), and one per SparQ setting, made as "on" and set at once.
+    ``to_depth`` brings each to a depth.
+
+    A context keeps its settings for the whole bench, as a user's would: a switch between dense
+    and SparQ re-reserves the context's graph, which is not what a decode costs (and on Mesa
+    22.3's lavapipe, a re-reserve after the context has decoded can corrupt the heap, docs/results.md)."""
 
     def __init__(self, model: Optional[str], shape, common: dict, cache_type_k: str, cache_type_v: str,
-                 weights: str):
+                 weights: str, sparq_settings: List[Tuple[str, dict]]):
+        self.model, self.common, self.ctxs = model, common, {}
         self.shape_model = None
+        if shape is not None:
+            from .shapes import ShapeModel
+
+            self.shape_model = ShapeModel(shape, weights, common["n_gpu_layers"])
         specs = [] if v_needs_flash_attn(cache_type_v) else [("off", False, cache_type_k, cache_type_v)]
         specs.append(("on", True, cache_type_k, cache_type_v))
         if (cache_type_k, cache_type_v) != ("f16", "f16"):
             specs += [("f16 off", False, "f16", "f16"), ("f16 on", True, "f16", "f16")]
-        if shape is None:
-            from .llama import Llama
-
-            self.ctxs = {name: DecodeContext(Llama(model, flash_attn=fa, **dict(common, type_k=cache_type(tk),
-                                                                                    type_v=cache_type(tv))))
-                         for name, fa, tk, tv in specs}
-        else:
-            from llama_cpp._utils import suppress_stdout_stderr
-
-            from .shapes import ShapeModel
-
-            self.shape_model = ShapeModel(shape, weights, common["n_gpu_layers"])
-            self.ctxs = {}
+        self.sparq = {}  # name -> settings
+        for lab, kw in sparq_settings:
+            specs.append((f"SparQ {lab}", True, cache_type_k, cache_type_v))
+            self.sparq[f"SparQ {lab}"] = kw
+        try:
             for name, fa, tk, tv in specs:
-                p = llama_cpp.llama_context_default_params()
-                p.n_ctx, p.n_batch, p.n_ubatch = common["n_ctx"], common["n_batch"], common["n_ubatch"]
-                p.n_seq_max = 1
-                p.n_threads = p.n_threads_batch = common["n_threads"]
-                p.flash_attn_type = 1 if fa else 0
-                p.type_k, p.type_v = cache_type(tk), cache_type(tv)
-                p.no_perf = True
-                with suppress_stdout_stderr():
-                    ctx = llama_cpp.llama_init_from_model(self.shape_model.model, p)
-                if not ctx:
-                    self.close()
-                    raise MemoryError(f"libllama could not create a context of {common['n_ctx']} tokens for this "
-                                      "shape (its log says why; most often memory): use a smaller -d")
-                self.ctxs[name] = DecodeContext(ctx=ctx)
-        # as a sparq_* argument to the constructor would: dense and SparQ runs then share that cache
+                self.ctxs[name] = self._context(fa, tk, tv)
+                if name in self.sparq:
+                    self.ctxs[name].set_sparq(SparqParams(**self.sparq[name]))
+        except BaseException:
+            self.close()
+            raise
+        # as a sparq_* argument to the constructor would: the dense run reads the cache SparQ's do
         sparq.prepare_cache(self.ctxs["on"].ctx)
 
+    def _context(self, fa: bool, tk: str, tv: str) -> "DecodeContext":
+        common = self.common
+        if self.shape_model is None:
+            from .llama import Llama
+
+            return DecodeContext(Llama(self.model, flash_attn=fa, **dict(common, type_k=cache_type(tk), type_v=cache_type(tv))))
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch = common["n_ctx"], common["n_batch"], common["n_ubatch"]
+        p.n_seq_max = 1
+        p.n_threads = p.n_threads_batch = common["n_threads"]
+        p.flash_attn_type = 1 if fa else 0
+        p.type_k, p.type_v = cache_type(tk), cache_type(tv)
+        p.no_perf = True
+        with suppress_stdout_stderr():
+            ctx = llama_cpp.llama_init_from_model(self.shape_model.model, p)
+        if not ctx:
+            raise MemoryError(f"libllama could not create a context of {common['n_ctx']} tokens for this "
+                              "shape (its log says why; most often memory): use a smaller -d")
+        return DecodeContext(ctx=ctx)
+
     def to_depth(self, depth: int, toks: Optional[List[int]]) -> None:
-        for c in self.ctxs.values():
+        from .shapes import load_seq_state, seq_state
+
+        for name, c in self.ctxs.items():
+            if name in self.sparq:
+                continue
             if self.shape_model is None:
                 c.prefill(toks[:depth])
             else:
                 c.fill(depth)
+        # the SparQ contexts take the dense one's cache: the same K and V for every row
+        state = seq_state(self.ctxs["on"].ctx) if depth else None
+        for name in self.sparq:
+            c = self.ctxs[name]
+            llama_cpp.llama_memory_clear(c.mem, True)
+            if c.llm is not None:
+                c.llm.reset()
+            if state is not None:
+                load_seq_state(c.ctx, state)
+            c.depth = depth
 
     def kv_bytes(self, n_ctx: int) -> Optional[int]:
         """A context's K and V bytes for n_ctx cells (shapes: from the cache layout after a fill)."""
@@ -231,7 +262,8 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
     n_ubatch = 512 if shp is None else max(1, min(512, n_prompt))
     common = dict(n_ctx=n_ctx, n_batch=max(2048, n_prompt) if shp is None else max(1, n_prompt), n_ubatch=n_ubatch,
                   n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers, verbose=False)
-    cs = _Contexts(model, shp, common, cache_type_k, cache_type_v, weights)
+    cs = _Contexts(model, shp, common, cache_type_k, cache_type_v, weights,
+                   [(lab, kw) for lab, kw in parsed if kw is not None])
     try:
         if shp is None:
             from .models import essays_text
@@ -252,7 +284,7 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
         runs += [(f"dense {kv}FA on", cs.ctxs["on"], None)]
         if two:
             runs += [("dense f16 FA off", cs.ctxs["f16 off"], None), ("dense f16 FA on", cs.ctxs["f16 on"], None)]
-        runs += [(f"SparQ {lab}", cs.ctxs["on"], kw) for lab, kw in parsed if kw is not None]
+        runs += [(f"SparQ {lab}", cs.ctxs[f"SparQ {lab}"], kw) for lab, kw in parsed if kw is not None]
 
         rows = []
         what = model if shp is None else f"shape {label}"
@@ -272,9 +304,7 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
                 order = runs[rep % len(runs):] + runs[:rep % len(runs)]
                 for lab, c, kw in order:
                     bar.set_postfix_str(f"depth {depth}: {lab}")
-                    if c is cs.ctxs["on"]:
-                        c.set_sparq(SparqParams(**kw) if kw else None)
-                    c.decode(gen[:1])  # warm-up: re-reserve after a settings change, mirror rebuild
+                    c.decode(gen[:1])  # warm-up (the first after a state load rebuilds the mirror)
                     c.sparq_stats(reset=True)
                     times[lab].append(c.decode(gen))
                     nodes[lab] = sparq.graph_nodes(c.ctx)  # the last token's graph
@@ -305,7 +335,6 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
                     row.update(pp_tokens_per_s=pp_med[lab], pp_runs=pp_times[lab], pp_x_best_dense=pp_med[lab] / pp_best)
                 rows.append(row)
         bar.close()
-        cs.ctxs["on"].set_sparq(None)
         kvb = cs.kv_bytes(n_ctx)
         extra = max((r.get("sparq_extra_bytes") or 0 for r in rows), default=0)
         memory = {"weights_bytes": cs.shape_model.weight_bytes if shp is not None else weight_bytes_tok,
