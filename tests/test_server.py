@@ -153,6 +153,7 @@ def test_server_loads_sparq(servers):
     assert "SparQ on" not in dense.text()
 
 
+@pytest.mark.slow  # CI: make test-slow
 def test_completions_match_the_dense_server(servers, prompts):
     sparq, dense = servers
     same = [_same_up_to_a_near_tie(_completion(sparq, p, True), _completion(dense, p, True)) for p in prompts]
