@@ -177,7 +177,8 @@ class _Contexts:
         except BaseException:
             self.close()
             raise
-        # as a sparq_* argument to the constructor would: the dense run reads the cache SparQ's do
+        # as a sparq_* argument to the constructor would: the dense context's cache is then laid out
+        # as the SparQ contexts' are (no Hadamard rotation of a quantized cache), and they take its state
         sparq.prepare_cache(self.ctxs["on"].ctx)
 
     def _context(self, fa: bool, tk: str, tv: str) -> "DecodeContext":
