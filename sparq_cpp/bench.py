@@ -3,11 +3,12 @@
 For each depth the essays are prefilled once in each of two contexts of the same model and
 library: one with flash attention off (V transposed, llama-cpp-python's default) and one with it
 on; each SparQ setting has a context of its own, like the second, set before its first decode
-and given that one's cache state. Then, for every repetition, each setting decodes N tokens one
-at a time from the same cache state (the generated cells are removed after each run), the
-settings in a rotating order so that drifts of a shared machine hit them alike. Dense is the
-better of the two dense paths at each depth. Reported: medians, the spread (min..max), and the
-ratio of medians against the best dense.
+and given that one's cache state (with a model shape, whose caches are gigabytes, the SparQ
+settings are switched on the second instead). Then, for every repetition, each setting decodes
+N tokens one at a time from the same cache state (the generated cells are removed after each
+run), the settings in a rotating order so that drifts of a shared machine hit them alike. Dense
+is the better of the two dense paths at each depth. Reported: medians, the spread (min..max),
+and the ratio of medians against the best dense.
 """
 
 from __future__ import annotations
@@ -146,12 +147,13 @@ class _Contexts:
     """The contexts a bench compares, over one model: flash attention off (dense only; absent where
     the cache type needs it on: llama.cpp stores a quantized V only with it), on (dense), for
     another cache type than f16 the f16 cache's two dense paths (what a user could run instead, so
-    they count for "best dense"), and one per SparQ setting, made as "on" and set at once.
-    ``to_depth`` brings each to a depth.
+    they count for "best dense"), and for a model file one per SparQ setting, made as "on" and set
+    at once. ``to_depth`` brings each to a depth.
 
-    A context keeps its settings for the whole bench, as a user's would: a switch between dense
-    and SparQ re-reserves the context's graph, which is not what a decode costs (and on Mesa
-    22.3's lavapipe, a re-reserve after the context has decoded can corrupt the heap, docs/results.md)."""
+    A model file's contexts keep their settings for the whole bench, as a user's would (on Mesa
+    22.3's lavapipe a settings change after a decode can corrupt the heap, docs/results.md). A
+    shape's SparQ rows switch settings on "on" instead (``switched``): its caches are gigabytes
+    each (4 GiB for llama3-8b at 32k), one per setting would not fit where two do."""
 
     def __init__(self, model: Optional[str], shape, common: dict, cache_type_k: str, cache_type_v: str,
                  weights: str, sparq_settings: List[Tuple[str, dict]]):
@@ -165,8 +167,9 @@ class _Contexts:
         specs.append(("on", True, cache_type_k, cache_type_v))
         if (cache_type_k, cache_type_v) != ("f16", "f16"):
             specs += [("f16 off", False, "f16", "f16"), ("f16 on", True, "f16", "f16")]
-        self.sparq = {}  # name -> settings
-        for lab, kw in sparq_settings:
+        self.switched = shape is not None
+        self.sparq = {}  # name -> settings, of the contexts set once
+        for lab, kw in sparq_settings if shape is None else []:
             specs.append((f"SparQ {lab}", True, cache_type_k, cache_type_v))
             self.sparq[f"SparQ {lab}"] = kw
         try:
@@ -214,7 +217,7 @@ class _Contexts:
             else:
                 c.fill(depth)
         # the SparQ contexts take the dense one's cache: the same K and V for every row
-        state = seq_state(self.ctxs["on"].ctx) if depth else None
+        state = seq_state(self.ctxs["on"].ctx) if depth and self.sparq else None
         for name in self.sparq:
             c = self.ctxs[name]
             llama_cpp.llama_memory_clear(c.mem, True)
@@ -223,6 +226,10 @@ class _Contexts:
             if state is not None:
                 load_seq_state(c.ctx, state)
             c.depth = depth
+
+    def context(self, label: str) -> "DecodeContext":
+        """The context of a SparQ row: its own, or "on" where the settings are switched."""
+        return self.ctxs["on"] if self.switched else self.ctxs[label]
 
     def kv_bytes(self, n_ctx: int) -> Optional[int]:
         """A context's K and V bytes for n_ctx cells (shapes: from the cache layout after a fill)."""
@@ -285,7 +292,7 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
         runs += [(f"dense {kv}FA on", cs.ctxs["on"], None)]
         if two:
             runs += [("dense f16 FA off", cs.ctxs["f16 off"], None), ("dense f16 FA on", cs.ctxs["f16 on"], None)]
-        runs += [(f"SparQ {lab}", cs.ctxs[f"SparQ {lab}"], kw) for lab, kw in parsed if kw is not None]
+        runs += [(f"SparQ {lab}", cs.context(f"SparQ {lab}"), kw) for lab, kw in parsed if kw is not None]
 
         rows = []
         what = model if shp is None else f"shape {label}"
@@ -305,7 +312,9 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
                 order = runs[rep % len(runs):] + runs[:rep % len(runs)]
                 for lab, c, kw in order:
                     bar.set_postfix_str(f"depth {depth}: {lab}")
-                    c.decode(gen[:1])  # warm-up (the first after a state load rebuilds the mirror)
+                    if cs.switched and c is cs.ctxs["on"]:
+                        c.set_sparq(SparqParams(**kw) if kw else None)
+                    c.decode(gen[:1])  # warm-up: a re-reserve after a settings change, the mirror's rebuild
                     c.sparq_stats(reset=True)
                     times[lab].append(c.decode(gen))
                     nodes[lab] = sparq.graph_nodes(c.ctx)  # the last token's graph
@@ -336,6 +345,8 @@ def run(model: Optional[str], depths: List[int], settings: List[str], threads: i
                     row.update(pp_tokens_per_s=pp_med[lab], pp_runs=pp_times[lab], pp_x_best_dense=pp_med[lab] / pp_best)
                 rows.append(row)
         bar.close()
+        if cs.switched:
+            cs.ctxs["on"].set_sparq(None)
         kvb = cs.kv_bytes(n_ctx)
         extra = max((r.get("sparq_extra_bytes") or 0 for r in rows), default=0)
         memory = {"weights_bytes": cs.shape_model.weight_bytes if shp is not None else weight_bytes_tok,
