@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define SPARQ_SIMD_AVX2 1
@@ -25,6 +26,18 @@
 #endif
 
 namespace ggml_sparq {
+
+// f(std::integral_constant<int, NG>{}) for a group of ng heads, 1 to 4 (4 for more): the kernels
+// below take a group's head count as a template parameter, so that their per-head arrays live in
+// registers; a caller walks G heads 4 at a time and hands each block's count here
+template <typename F> inline void with_heads(int64_t ng, F && f) {
+    switch (ng) {
+        case 1:  f(std::integral_constant<int, 1>{}); break;
+        case 2:  f(std::integral_constant<int, 2>{}); break;
+        case 3:  f(std::integral_constant<int, 3>{}); break;
+        default: f(std::integral_constant<int, 4>{}); break;
+    }
+}
 
 #if defined(SPARQ_SIMD_NEON)
 // lanes of a NEON compare result as bits of a 64-bit word: 8 bits per 16-bit lane, 16 per 32-bit lane
@@ -449,12 +462,7 @@ inline void dot_heads_f16(const ggml_fp16_t * kr, const float * q, int64_t D, fl
 // dots of one f16 K row with the G f32 queries of a group (q: G rows of D), D a multiple of 8
 inline void dot_group_f16(const ggml_fp16_t * kr, const float * q, int64_t D, int64_t G, float * out) {
     for (int64_t h0 = 0; h0 < G; h0 += 4) {
-        switch (std::min<int64_t>(4, G - h0)) {
-            case 1:  dot_heads_f16<1>(kr, q + h0*D, D, out + h0); break;
-            case 2:  dot_heads_f16<2>(kr, q + h0*D, D, out + h0); break;
-            case 3:  dot_heads_f16<3>(kr, q + h0*D, D, out + h0); break;
-            default: dot_heads_f16<4>(kr, q + h0*D, D, out + h0); break;
-        }
+        with_heads(G - h0, [&](auto nh) { dot_heads_f16<decltype(nh)::value>(kr, q + h0*D, D, out + h0); });
     }
 }
 
@@ -569,20 +577,10 @@ inline bool mad_rows_f16(const char * vbase, size_t vstride, const int32_t * row
         float * ah = acc + h0*acc_stride;
         int64_t j0 = 0;
         for (; j0 + 16*SPARQ_MAD_NJ <= Dv; j0 += 16*SPARQ_MAD_NJ) {
-            switch (ng) {
-                case 1:  mad_rows_blk<1, SPARQ_MAD_NJ>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
-                case 2:  mad_rows_blk<2, SPARQ_MAD_NJ>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
-                case 3:  mad_rows_blk<3, SPARQ_MAD_NJ>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
-                default: mad_rows_blk<4, SPARQ_MAD_NJ>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
-            }
+            with_heads(ng, [&](auto nh) { mad_rows_blk<decltype(nh)::value, SPARQ_MAD_NJ>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); });
         }
         for (; j0 < Dv; j0 += 16) {
-            switch (ng) {
-                case 1:  mad_rows_blk<1, 1>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
-                case 2:  mad_rows_blk<2, 1>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
-                case 3:  mad_rows_blk<3, 1>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
-                default: mad_rows_blk<4, 1>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); break;
-            }
+            with_heads(ng, [&](auto nh) { mad_rows_blk<decltype(nh)::value, 1>(vbase, vstride, rows, n, j0, wh, w_stride, ah, acc_stride); });
         }
     }
     return true;

@@ -341,21 +341,13 @@ struct sparq_run {
                         for (int h = 0; h < ng; ++h) Lh[h] = L + (h0 + h)*S;
                         const float * asc = ascale + it*G + h0;
                         const float * qg = qs + h0*d.r;
-                        if (kt_i8) {
-                            switch (ng) {
-                                case 1:  step2_range<1, true>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                                case 2:  step2_range<2, true>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                                case 3:  step2_range<3, true>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                                default: step2_range<4, true>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
+                        with_heads(ng, [&](auto nh) {
+                            if (kt_i8) {
+                                step2_range<decltype(nh)::value, true>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0);
+                            } else {
+                                step2_range<decltype(nh)::value, false>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0);
                             }
-                        } else {
-                            switch (ng) {
-                                case 1:  step2_range<1, false>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                                case 2:  step2_range<2, false>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                                case 3:  step2_range<3, false>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                                default: step2_range<4, false>(p0, n, d.r, rows, ex, qg, asc, mask, mrow, Lh, gs, lmax + h0); break;
-                            }
-                        }
+                        });
                     }
                 }
             }
