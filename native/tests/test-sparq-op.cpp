@@ -614,7 +614,7 @@ int main() {
     {
         struct Shape { const char * name; int D, G, Hkv; } shapes[] = {
             { "SmolLM2-135M", 64, 3, 3 }, { "Gemma-3-270M", 256, 4, 1 }, { "Llama-3-8B", 128, 4, 8 }, { "MHA", 64, 1, 12 } };
-        const int bound = 25;
+        const int bound = 24;
         for (const Shape & sh : shapes) for (int attend : {0, (int) GGML_SPARQ_GATHER}) {
             const int flags = attend | GGML_SPARQ_ALL_SEE_K | (sh.G == 1 ? GGML_SPARQ_REALLOC : 0);
             const int n = ops_nodes(sh.D, sh.G, sh.Hkv, 1, flags, false);
