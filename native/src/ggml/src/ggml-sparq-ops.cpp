@@ -127,7 +127,7 @@ static ggml_tensor * sparq_stream(ggml_context * ctx, ggml_tensor * q, ggml_tens
     sh = ggml_reshape_4d(ctx, sh, n_kv, G, T, Hkv);                                  // s_hat
 
     // select. i2: the top k of the group's summed s_hat, the local window forced in by the bias
-    ggml_tensor * gs = G > 1 ? sum1(ctx, sh, sum_ones) : sh;                                // [n_kv, 1, T, Hkv]
+    ggml_tensor * gs = G > 1 ? sum1(ctx, sh, sum_ones) : sh;                          // [n_kv, 1, T, Hkv]
     gs = ggml_add(ctx, ggml_reshape_3d(ctx, gs, n_kv, T, Hkv), bias);
     ggml_tensor * i2 = ggml_top_k(ctx, gs, k_top);                                    // [k, T, Hkv]
 
