@@ -2,7 +2,7 @@
 // histogram and compare passes, step 2's approximate logits, the dot products of a K row with a
 // group's queries, and the accumulation of V rows into a group's sums. Each loop is written once,
 // over three small sets of per-architecture primitives (x86 AVX-512 or AVX2 with F16C and FMA,
-// AArch64 NEON); a build without them runs the plain loops in sparq.cpp:
+// AArch64 NEON); a build without them runs the plain loops (sparq.cpp's, and the scans' here):
 //   lanes  f32 vectors at the build's widest width (16 lanes with AVX-512, 8 with AVX2, 4 with
 //          NEON), for the loops whose lanes are independent (step 2: a lane is a position; the V
 //          sums: a lane is a value), so the width changes no result. On x86 the type, width,
