@@ -56,23 +56,32 @@ static ggml_tensor * filled(ggml_context * ctx, ggml_type type, int64_t a, int64
     return ggml_fill_inplace(ctx, ggml_new_tensor_4d(ctx, type, a, b, c, d), x);
 }
 
-// ones [1, b, c, d]: a contiguous view of a stream's one tensor of ones (filled once, and only
-// where a sum or an indicator uses it), which holds enough for every shape the stream asks
-static ggml_tensor * ones_4d(ggml_context * ctx, ggml_tensor * ones, int64_t b, int64_t c, int64_t d) {
-    GGML_ASSERT(b*c*d <= ggml_nelements(ones));
-    const size_t e = ggml_element_size(ones);
-    return ggml_view_4d(ctx, ones, 1, b, c, d, e, e*b, e*b*c, 0);
-}
+// A stream's ones: one tensor of n ones, filled on the first request (so in the graph only where
+// something reads it), viewed contiguously as [1, b, c, d] by every sum and indicator that needs ones
+struct ones_src {
+    ggml_context * ctx;
+    int64_t n;
+    ggml_tensor * t = nullptr;
 
-// x [a, b, c, d] summed over its dimension 1: [a, 1, c, d]; by out_prod with ones (a stream's
-// ones, ones_4d), else by a transposed copy and sum_rows
-static ggml_tensor * sum1(ggml_context * ctx, ggml_tensor * x, ggml_tensor * ones) {
+    ggml_tensor * view(int64_t b, int64_t c, int64_t d) {
+        GGML_ASSERT(b*c*d <= n);
+        if (t == nullptr) {
+            t = filled(ctx, GGML_TYPE_F32, n, 1, 1, 1, 1.0f);
+        }
+        const size_t e = ggml_element_size(t);
+        return ggml_view_4d(ctx, t, 1, b, c, d, e, e*b, e*b*c, 0);
+    }
+};
+
+// x [a, b, c, d] summed over its dimension 1: [a, 1, c, d]; by out_prod with the stream's ones
+// where given, else by a transposed copy and sum_rows
+static ggml_tensor * sum1(ggml_context * ctx, ggml_tensor * x, ones_src * ones) {
     const int64_t a = x->ne[0], b = x->ne[1], c = x->ne[2], d = x->ne[3];
     if (a == 1) {
         return ggml_sum_rows(ctx, as_4d(ctx, x, b, 1, c, d));
     }
     if (ones != nullptr) {
-        return ggml_out_prod(ctx, x, ones_4d(ctx, ones, b, c, d));
+        return ggml_out_prod(ctx, x, ones->view(b, c, d));
     }
     return ggml_reshape_4d(ctx, ggml_sum_rows(ctx, swap01(ctx, x)), a, 1, c, d);
 }
@@ -89,11 +98,8 @@ static ggml_tensor * sparq_stream(ggml_context * ctx, ggml_tensor * q, ggml_tens
     // by out_prod where the backend has it (no transposed copies), else by mul_mat
     const bool op = !(flags & GGML_SPARQ_MUL_MAT);
     // the ones those sums and the chosen cells' indicator (mix) read: one fill for all of them
-    // (G > 1: the sums over the group; tau: the sums over components; mix)
-    const bool tau = !(flags & GGML_SPARQ_NO_TAU);
-    ggml_tensor * ones = (op && (G > 1 || tau)) || (vmean != nullptr && G > 1)
-        ? filled(ctx, GGML_TYPE_F32, std::max({ (int64_t) r, D, G, (int64_t) k_top })*T*Hkv, 1, 1, 1, 1.0f) : nullptr;
-    ggml_tensor * sum_ones = op ? ones : nullptr;
+    ones_src ones = { ctx, std::max({ (int64_t) r, D, G, (int64_t) k_top })*T*Hkv };
+    ones_src * sum_ones = op ? &ones : nullptr;
 
     // score. i1: the top r components of the group's summed |q|; s_hat from r rows of the mirror
     ggml_tensor * qg = G == 1 && T == 1 ? as_4d(ctx, q, 1, D, 1, Hkv)
@@ -104,7 +110,7 @@ static ggml_tensor * sparq_stream(ggml_context * ctx, ggml_tensor * q, ggml_tens
     ggml_tensor * kr = ggml_get_rows(ctx, kt, ggml_reshape_2d(ctx, i1, (int64_t) r*T, Hkv));
     kr = ggml_reshape_4d(ctx, kr, n_kv, r, T, Hkv);
     ggml_tensor * qs = ggml_get_rows(ctx, qg, ggml_reshape_3d(ctx, i1, r, T, Hkv));  // [G, r, T, Hkv]
-    if (tau) {
+    if (!(flags & GGML_SPARQ_NO_TAU)) {
         // tau folded into q[i1]: divided by sqrt(|q[i1]|_1 / |q|_1) per head (the tiny term
         // keeps a head whose chosen components are all 0 at 0, never NaN)
         ggml_tensor * l1s = ggml_scale_bias(ctx, sum1(ctx, ggml_abs(ctx, qs), sum_ones), 1.0f, 1e-30f); // [G, 1, T, Hkv]
@@ -192,7 +198,7 @@ static ggml_tensor * sparq_stream(ggml_context * ctx, ggml_tensor * q, ggml_tens
         if (G > 1) {
             // the chosen cells' indicator times s_hat
             ggml_tensor * ind = filled(ctx, GGML_TYPE_F32, 1, n_kv, T, Hkv, 0.0f);
-            ind = ggml_set_rows(ctx, ind, ones_4d(ctx, ones, k_top, T, Hkv), i2);
+            ind = ggml_set_rows(ctx, ind, ones.view(k_top, T, Hkv), i2);
             alpha = ggml_mul_mat(ctx, ggml_reshape_4d(ctx, ind, n_kv, 1, T, Hkv), sh);
         } else {
             alpha = ggml_get_rows(ctx, ggml_reshape_4d(ctx, sh, 1, n_kv, T, Hkv), i2);
