@@ -43,9 +43,9 @@ RPC_CMD_GRAPH_COMPUTE, RPC_CMD_GRAPH_RECOMPUTE = 10, 16
 
 
 class _KillOnCompute:
-    """A TCP relay in front of an RPC server. Once armed, it SIGKILLs the server as soon as the next
-    graph-compute request has passed through it, then stops listening and drops every connection,
-    as a crashed machine would: the fault lands inside the batch, after its graph was sent and before
+    """A TCP relay in front of an RPC server. Once armed, as soon as the next graph-compute request
+    has passed through it, it stops listening, SIGKILLs the server and drops every connection, as a
+    crashed machine would: the fault lands inside the batch, after its graph was sent and before
     its result came back, wherever the machine's speed puts the compute."""
 
     def __init__(self, srv):
@@ -106,6 +106,10 @@ class _KillOnCompute:
                     left -= len(chunk)
                 if cmd in (RPC_CMD_GRAPH_COMPUTE, RPC_CMD_GRAPH_RECOMPUTE) and self.armed.is_set():
                     self.killed.set()  # before the client can see the fault
+                    # stop listening first: the client notices the fault once the server is gone and
+                    # then probes the endpoint (sparq_cpp.rpc.lost_error), which must be refused
+                    self._end(self.lsock)
+                    self.lsock.close()
                     self.srv.proc.kill()
                     self.srv.proc.wait()
                     self.close()
